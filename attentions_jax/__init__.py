@@ -1,0 +1,30 @@
+"""JAX/Flax attention mechanisms that compute the same functions as ``attentions_torch``."""
+
+from .base import SelfAttention
+from .functional import dot_product_attention, dot_product_attention_weights
+from .masks import (
+    block_mask,
+    causal_mask,
+    combine_masks,
+    dilated_mask,
+    local_mask,
+    padding_mask,
+)
+from .multi_head import MultiHeadSelfAttention
+from .rope import apply_rope
+from .vanilla import VanillaSelfAttention
+
+__all__ = [
+    "MultiHeadSelfAttention",
+    "SelfAttention",
+    "VanillaSelfAttention",
+    "apply_rope",
+    "block_mask",
+    "causal_mask",
+    "combine_masks",
+    "dilated_mask",
+    "dot_product_attention",
+    "dot_product_attention_weights",
+    "local_mask",
+    "padding_mask",
+]

@@ -1,0 +1,158 @@
+"""The pipeline every layer shares: project, split heads, RoPE, attend, merge, project out.
+
+A mechanism is a subclass that names its pattern (``pattern``) and, where it pays, its
+own fast kernel (``attend``). Shape legend: B batch, L length, H query heads, K kv heads,
+D head width, E model width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+
+from ._validation import validate_heads, validate_input, validate_options
+from .functional import dot_product_attention, merge_heads, split_heads
+from .masks import as_keep_mask, combine_masks
+from .rope import apply_rope
+
+__all__ = ["SelfAttention"]
+
+
+def _option(default):
+    """A keyword-only dataclass field, so subclasses can add required fields after it."""
+    return dataclasses.field(default=default, kw_only=True)
+
+
+class SelfAttention(nn.Module):
+    """Dense softmax self-attention; subclasses fix the head counts and the pattern.
+
+    Parameters: ``w_q`` (input_dim -> H*D), ``w_k``/``w_v`` (input_dim -> K*D), ``w_o``
+    (E -> E) as ``nn.Dense``, Xavier-uniform kernels, zero biases.
+    """
+
+    rope_base = 10000.0  # a constructor argument (field) of RotarySelfAttention only
+
+    d_model: int
+    input_dim: int | None = _option(None)
+    dropout: float = _option(0.0)
+    bias: bool = _option(False)
+    temperature: float = _option(1.0)
+    rope: bool = _option(False)
+    rope_interleaved: bool = _option(True)
+
+    def __post_init__(self) -> None:
+        num_heads, num_kv_heads = self.head_counts()
+        d_head = validate_heads(self.d_model, num_heads, num_kv_heads)
+        validate_options(
+            input_dim=self.input_dim,
+            dropout=self.dropout,
+            temperature=self.temperature,
+            rope=self.rope,
+            d_head=d_head,
+        )
+        super().__post_init__()
+
+    def head_counts(self) -> tuple[int, int]:
+        """``(H, K)``: query heads and kv heads."""
+        raise NotImplementedError
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.head_counts()[0]
+
+    @property
+    def scale(self) -> float:
+        """Score scale ``1 / (sqrt(D) * temperature)``."""
+        return 1.0 / (math.sqrt(self.d_head) * self.temperature)
+
+    def pattern(self, length: int) -> jax.Array | None:
+        """The mechanism's own ``(L, L)`` keep pattern; ``None`` for dense attention."""
+        return None
+
+    def attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        mask: jax.Array | None,
+        *,
+        is_causal: bool,
+        need_weights: bool,
+        deterministic: bool,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Core attention on heads: q ``(B, H, L, D)``, k/v ``(B, K, L, D)``.
+
+        ``mask`` is the caller's rank-4 keep-mask (or ``None``); the mechanism ANDs its
+        pattern in. Mechanisms with a compact fast path override this.
+        """
+        keep = combine_masks(self.pattern(q.shape[2]), mask)
+        dropping = not deterministic and self.dropout > 0.0
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            keep,
+            is_causal=is_causal,
+            scale=self.scale,
+            dropout_rate=self.dropout,
+            dropout_rng=self.make_rng("dropout") if dropping else None,
+            need_weights=need_weights,
+        )
+
+    def _dense(self, features: int, name: str) -> nn.Dense:
+        return nn.Dense(
+            features,
+            use_bias=self.bias,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.zeros,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        is_causal: bool = False,
+        need_weights: bool = True,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Self-attention over ``x`` ``(B, L, input_dim)``.
+
+        Args:
+          x: ``(B, L, input_dim)``.
+          mask: keep-mask ``(L, L)``, ``(B, L, L)`` or broadcastable to ``(B, H, L, L)``;
+            non-zero / ``True`` = may attend.
+          is_causal: also hide keys after the query (static under ``jax.jit``).
+          need_weights: return the ``(B, H, L, L)`` weights; ``False`` takes the fast path
+            and returns ``None`` for them (static under ``jax.jit``).
+          deterministic: no dropout; otherwise draws from the ``"dropout"`` rng stream.
+
+        Returns:
+          ``(out, weights)``: out ``(B, L, E)``, weights ``(B, H, L, L)`` or ``None``.
+        """
+        num_heads, num_kv_heads = self.head_counts()
+        input_dim = self.d_model if self.input_dim is None else self.input_dim
+        validate_input(x.shape, input_dim)
+        batch, length, _ = x.shape
+        keep = as_keep_mask(mask, batch, num_heads, length)
+        q = split_heads(self._dense(num_heads * self.d_head, "w_q")(x), num_heads)
+        k = split_heads(self._dense(num_kv_heads * self.d_head, "w_k")(x), num_kv_heads)
+        v = split_heads(self._dense(num_kv_heads * self.d_head, "w_v")(x), num_kv_heads)
+        if self.rope:
+            q = apply_rope(q, base=self.rope_base, interleaved=self.rope_interleaved)
+            k = apply_rope(k, base=self.rope_base, interleaved=self.rope_interleaved)
+        out, weights = self.attend(
+            q,
+            k,
+            v,
+            keep,
+            is_causal=is_causal,
+            need_weights=need_weights,
+            deterministic=deterministic,
+        )
+        return self._dense(self.d_model, "w_o")(merge_heads(out)), weights

@@ -1,0 +1,241 @@
+"""The functional core: scaled dot-product attention with keep-masks, GQA and zero rows.
+
+Shape legend: B batch, L query length, S key length (``S == L`` in self-attention),
+H query heads, K kv heads (``H % K == 0``; query head h reads kv head ``h // (H // K)``),
+G = H // K query heads per kv head, D head width. Einsum letters keep these meanings.
+
+Semantics shared with ``attentions_torch.functional``:
+
+* ``mask`` is a boolean keep-mask broadcastable to ``(B, H, L, S)``; ``is_causal`` ANDs
+  the causal mask ``j <= i`` into it.
+* ``bias`` is added to the scaled scores (ALiBi), broadcastable to ``(B, H, L, S)``.
+* The softmax runs in float32 or wider and the result is cast back to the input dtype.
+* A query that sees no key gets a zero row of weights and a zero output, never NaN.
+
+The fast path (``need_weights=False``) walks over query chunks with ``lax.map``, so the
+scores it holds at once are ``(B, H, chunk, S)``; on CPU this runs about 3x faster than
+``jax.nn.dot_product_attention`` (measured by ``python -m parity.bench``), and unlike it
+serves float64 and gives zero rows to queries that see no key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .masks import combine_masks
+
+__all__ = [
+    "QUERY_CHUNK",
+    "dot_product_attention",
+    "dot_product_attention_weights",
+    "merge_heads",
+    "split_heads",
+]
+
+QUERY_CHUNK = 256
+"""Queries per step of the fast path; ``(B, H, QUERY_CHUNK, S)`` scores live at once."""
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    """``(B, L, H*D) -> (B, H, L, D)``."""
+    batch, length, width = x.shape
+    return x.reshape(batch, length, heads, width // heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """``(B, H, L, D) -> (B, L, H*D)``."""
+    batch, heads, length, d_head = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch, length, heads * d_head)
+
+
+def _accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for half types, the dtype itself for float32/float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _causal(query_positions: jax.Array, keys: int) -> jax.Array:
+    """``(l, S)`` keep-mask ``j <= i`` for the given query positions."""
+    return query_positions[:, None] >= jnp.arange(keys)[None, :]
+
+
+def _scores(
+    q: jax.Array, k: jax.Array, bias: jax.Array | None, scale: float
+) -> jax.Array:
+    """Scaled scores ``(B, H, L, S)`` in float32 or wider."""
+    batch, heads, length, d_head = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    acc = _accumulation_dtype(q.dtype)
+    grouped = (q.astype(acc) * scale).reshape(batch, kv_heads, heads // kv_heads, length, d_head)
+    # (B, K, G, L, D) x (B, K, S, D) -> (B, K, G, L, S): grouped heads share one kv head
+    scores = jnp.einsum("bkgld,bksd->bkgls", grouped, k.astype(acc))
+    scores = scores.reshape(batch, heads, length, keys)
+    return scores if bias is None else scores + bias.astype(acc)
+
+
+def _weights(
+    q: jax.Array,
+    k: jax.Array,
+    keep: jax.Array | None,
+    bias: jax.Array | None,
+    scale: float,
+) -> jax.Array:
+    """Softmax weights ``(B, H, L, S)`` in float32 or wider; zero where ``keep`` is False."""
+    scores = _scores(q, k, bias, scale)
+    if keep is None:
+        return jax.nn.softmax(scores, axis=-1)
+    scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
+    # a fully hidden row softmaxes to uniform over min-filled scores; the where zeroes it
+    return jnp.where(keep, jax.nn.softmax(scores, axis=-1), 0.0)
+
+
+def _output(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    keep: jax.Array | None,
+    bias: jax.Array | None,
+    scale: float,
+) -> jax.Array:
+    """Attention output ``(B, H, L, D)`` in float32 or wider, normalizing after ``@ V``.
+
+    Dividing the ``(L, D)`` output instead of the ``(L, S)`` weights saves a pass over the
+    scores. The row maximum itself contributes ``exp(0) = 1``, so a row's sum is >= 1 when
+    it sees a key and exactly 0 when it sees none: ``maximum(sum, 1)`` gives those rows 0.
+    """
+    scores = _scores(q, k, bias, scale)
+    if keep is not None:
+        scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
+    unnormalized = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+    if keep is not None:
+        unnormalized = jnp.where(keep, unnormalized, 0.0)
+    total = unnormalized.sum(axis=-1, keepdims=True)
+    return _apply_weights(unnormalized, v) / jnp.maximum(total, 1.0)
+
+
+def _apply_weights(weights: jax.Array, v: jax.Array) -> jax.Array:
+    """``(B, H, L, S) x (B, K, S, D) -> (B, H, L, D)`` in the weights' dtype."""
+    batch, heads, length, keys = weights.shape
+    kv_heads = v.shape[1]
+    grouped = weights.reshape(batch, kv_heads, heads // kv_heads, length, keys)
+    # (B, K, G, L, S) x (B, K, S, D) -> (B, K, G, L, D)
+    out = jnp.einsum("bkgls,bksd->bkgld", grouped, v.astype(weights.dtype))
+    return out.reshape(batch, heads, length, v.shape[-1])
+
+
+def _dropout(weights: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), 0.0)
+
+
+def dot_product_attention_weights(
+    q: jax.Array,
+    k: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention weights ``(B, H, L, S)`` in float32 or wider.
+
+    q: ``(B, H, L, D)``; k: ``(B, K, S, D)``. Rows sum to 1 over visible keys and are
+    exactly 0 where a key is hidden (the whole row for a query that sees nothing).
+    """
+    length, d_head, keys = q.shape[2], q.shape[3], k.shape[2]
+    scale = 1.0 / math.sqrt(d_head) if scale is None else scale
+    causal = _causal(jnp.arange(length), keys) if is_causal else None
+    return _weights(q, k, combine_masks(mask, causal), bias, scale)
+
+
+def _pad_queries(x: jax.Array | None, padded: int, fill) -> jax.Array | None:
+    """Pad axis 2 (queries) of a broadcastable operand up to ``padded`` if it has one."""
+    if x is None or x.shape[2] == 1:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[2] = (0, padded - x.shape[2])
+    return jnp.pad(x, pad, constant_values=fill)
+
+
+def _chunk(x: jax.Array | None, start: jax.Array, size: int) -> jax.Array | None:
+    if x is None or x.shape[2] == 1:
+        return x
+    return lax.dynamic_slice_in_dim(x, start, size, axis=2)
+
+
+def _chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    bias: jax.Array | None,
+    is_causal: bool,
+    scale: float,
+    chunk: int,
+) -> jax.Array:
+    """Output ``(B, H, L, D)`` computed ``chunk`` queries at a time, no weights kept."""
+    batch, heads, length, d_head = q.shape
+    keys = k.shape[2]
+    chunk = min(chunk, length)
+    steps = -(-length // chunk)
+    padded = steps * chunk
+    q = _pad_queries(q, padded, 0)
+    mask = _pad_queries(mask, padded, False)
+    bias = _pad_queries(bias, padded, 0)
+
+    def step(start: jax.Array) -> jax.Array:
+        keep = _chunk(mask, start, chunk)
+        if is_causal:
+            keep = combine_masks(keep, _causal(start + jnp.arange(chunk), keys))
+        return _output(_chunk(q, start, chunk), k, v, keep, _chunk(bias, start, chunk), scale)
+
+    # (steps, B, H, chunk, D) -> (B, H, steps * chunk, D)
+    out = lax.map(step, jnp.arange(steps) * chunk)
+    out = out.transpose(1, 2, 0, 3, 4).reshape(batch, heads, padded, d_head)
+    return out[:, :, :length]
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    need_weights: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Scaled dot-product attention.
+
+    Args:
+      q: ``(B, H, L, D)``.
+      k, v: ``(B, K, S, D)`` with ``H % K == 0``.
+      mask: boolean keep-mask broadcastable to ``(B, H, L, S)``, or ``None``.
+      bias: additive score bias broadcastable to ``(B, H, L, S)``, or ``None``.
+      is_causal: AND the causal pattern ``j <= i`` into ``mask`` (static).
+      scale: score scale, default ``1 / sqrt(D)``.
+      dropout_rate: dropout on the attention weights; applied only with ``dropout_rng``.
+      dropout_rng: PRNG key for dropout, ``None`` for deterministic attention.
+      need_weights: ``True`` returns the ``(B, H, L, S)`` weights (before dropout);
+        ``False`` runs the query-chunked fast path and returns ``None`` (static).
+
+    Returns:
+      ``(out, weights)``: out ``(B, H, L, D)`` in q's dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    dropping = dropout_rate > 0.0 and dropout_rng is not None
+    if need_weights or dropping:
+        weights = dot_product_attention_weights(
+            q, k, mask, bias=bias, is_causal=is_causal, scale=scale
+        )
+        dropped = _dropout(weights, dropout_rate, dropout_rng) if dropping else weights
+        out = _apply_weights(dropped, v).astype(q.dtype)
+        return out, weights.astype(q.dtype) if need_weights else None
+    out = _chunked_attention(q, k, v, mask, bias, is_causal, scale, QUERY_CHUNK)
+    return out.astype(q.dtype), None

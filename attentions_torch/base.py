@@ -1,0 +1,146 @@
+"""The pipeline every layer shares: project, split heads, RoPE, attend, merge, project out.
+
+A mechanism is a subclass that names its pattern (``pattern``) and, where it pays, its
+own fast kernel (``attend``). Shape legend: B batch, L length, H query heads, K kv heads,
+D head width, E model width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import validate_heads, validate_input, validate_options
+from .functional import dot_product_attention, merge_heads, split_heads
+from .masks import as_keep_mask, combine_masks
+from .rope import apply_rope
+
+__all__ = ["SelfAttention"]
+
+
+class SelfAttention(nn.Module):
+    """Dense softmax self-attention with ``num_heads`` query and ``num_kv_heads`` kv heads.
+
+    The concrete classes fix the head counts and the pattern; see SPEC §2 and the README.
+    Parameters: ``w_q`` (input_dim -> H*D), ``w_k``/``w_v`` (input_dim -> K*D), ``w_o``
+    (E -> E), Xavier-uniform weights, zero biases.
+    """
+
+    rope_base: float = 10000.0  # a constructor argument of RotarySelfAttention only
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        *,
+        input_dim: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = False,
+        temperature: float = 1.0,
+        rope: bool = False,
+        rope_interleaved: bool = True,
+    ) -> None:
+        super().__init__()
+        d_head = validate_heads(d_model, num_heads, num_kv_heads)
+        validate_options(
+            input_dim=input_dim, dropout=dropout, temperature=temperature, rope=rope, d_head=d_head
+        )
+        self.d_model = d_model
+        self.input_dim = d_model if input_dim is None else input_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.d_head = d_head
+        self.dropout = dropout
+        self.temperature = temperature
+        self.rope = rope
+        self.rope_interleaved = rope_interleaved
+        self.w_q = nn.Linear(self.input_dim, num_heads * d_head, bias=bias)
+        self.w_k = nn.Linear(self.input_dim, num_kv_heads * d_head, bias=bias)
+        self.w_v = nn.Linear(self.input_dim, num_kv_heads * d_head, bias=bias)
+        self.w_o = nn.Linear(d_model, d_model, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights and zero biases, as the Flax twin initializes them."""
+        for proj in (self.w_q, self.w_k, self.w_v, self.w_o):
+            nn.init.xavier_uniform_(proj.weight)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    @property
+    def scale(self) -> float:
+        """Score scale ``1 / (sqrt(D) * temperature)``."""
+        return 1.0 / (math.sqrt(self.d_head) * self.temperature)
+
+    def pattern(self, length: int, device: torch.device) -> Tensor | None:
+        """The mechanism's own ``(L, L)`` keep pattern; ``None`` for dense attention."""
+        return None
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        *,
+        is_causal: bool,
+        need_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Core attention on heads: q ``(B, H, L, D)``, k/v ``(B, K, L, D)``.
+
+        ``mask`` is the caller's rank-4 keep-mask (or ``None``); the mechanism ANDs its
+        pattern in. Mechanisms with a compact fast path override this.
+        """
+        keep = combine_masks(self.pattern(q.shape[2], q.device), mask)
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            keep,
+            is_causal=is_causal,
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        *,
+        is_causal: bool = False,
+        need_weights: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Self-attention over ``x`` ``(B, L, input_dim)``.
+
+        Args:
+          x: ``(B, L, input_dim)``.
+          mask: keep-mask ``(L, L)``, ``(B, L, L)`` or broadcastable to ``(B, H, L, L)``;
+            non-zero / ``True`` = may attend.
+          is_causal: also hide keys after the query.
+          need_weights: return the ``(B, H, L, L)`` weights; ``False`` takes the fast path
+            and returns ``None`` for them.
+
+        Returns:
+          ``(out, weights)``: out ``(B, L, E)``, weights ``(B, H, L, L)`` or ``None``.
+        """
+        validate_input(x.shape, self.input_dim)
+        batch, length, _ = x.shape
+        keep = as_keep_mask(mask, batch, self.num_heads, length)
+        q = split_heads(self.w_q(x), self.num_heads)
+        k = split_heads(self.w_k(x), self.num_kv_heads)
+        v = split_heads(self.w_v(x), self.num_kv_heads)
+        if self.rope:
+            q = apply_rope(q, base=self.rope_base, interleaved=self.rope_interleaved)
+            k = apply_rope(k, base=self.rope_base, interleaved=self.rope_interleaved)
+        out, weights = self.attend(q, k, v, keep, is_causal=is_causal, need_weights=need_weights)
+        return self.w_o(merge_heads(out)), weights
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, rope={self.rope}"
+        )

@@ -1,0 +1,89 @@
+"""Keep-mask builders (SPEC §4): ``True`` means "query i may attend to key j".
+
+Shape legend (the whole project): B batch, L length, H query heads, K kv heads,
+D head width, E model width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validation import validate_mask, validate_positive
+
+__all__ = [
+    "as_keep_mask",
+    "block_mask",
+    "causal_mask",
+    "combine_masks",
+    "dilated_mask",
+    "local_mask",
+    "padding_mask",
+]
+
+
+def _offsets(length: int, device: torch.device | str | None) -> Tensor:
+    """``(L, L)`` matrix of ``i - j`` (query minus key position)."""
+    pos = torch.arange(length, device=device)
+    return pos[:, None] - pos[None, :]
+
+
+def causal_mask(length: int, device: torch.device | str | None = None) -> Tensor:
+    """``(L, L)``: key j visible from query i iff ``j <= i``."""
+    return _offsets(length, device) >= 0
+
+
+def padding_mask(lengths: Tensor, length: int) -> Tensor:
+    """``(B, 1, 1, L)`` key-padding mask from the true lengths ``(B,)`` of each sequence."""
+    pos = torch.arange(length, device=lengths.device)
+    return (pos[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def local_mask(length: int, window_size: int, device: torch.device | str | None = None) -> Tensor:
+    """``(L, L)``: visible iff ``abs(i - j) <= window_size // 2``."""
+    validate_positive("window_size", window_size)
+    return _offsets(length, device).abs() <= window_size // 2
+
+
+def dilated_mask(
+    length: int, dilation_rate: int, device: torch.device | str | None = None
+) -> Tensor:
+    """``(L, L)``: visible iff ``(i - j) % dilation_rate == 0``."""
+    validate_positive("dilation_rate", dilation_rate)
+    return _offsets(length, device) % dilation_rate == 0
+
+
+def block_mask(length: int, block_size: int, device: torch.device | str | None = None) -> Tensor:
+    """``(L, L)``: visible iff ``i // block_size == j // block_size``."""
+    validate_positive("block_size", block_size)
+    block = torch.arange(length, device=device) // block_size
+    return block[:, None] == block[None, :]
+
+
+def combine_masks(*masks: Tensor | None) -> Tensor | None:
+    """AND of the given keep-masks (broadcasting), skipping ``None``; ``None`` if all are."""
+    kept = [m for m in masks if m is not None]
+    if not kept:
+        return None
+    out = kept[0].bool()
+    for m in kept[1:]:
+        out = out & m.bool()
+    return out
+
+
+def as_keep_mask(mask: Tensor | None, batch: int, heads: int, length: int) -> Tensor | None:
+    """Validate a user mask and return it as a rank-4 bool keep-mask.
+
+    Accepts ``(L, L)``, ``(B, L, L)`` or rank 4 broadcastable to ``(B, H, L, L)``; any
+    non-zero number counts as "keep", so a 0/1 float mask such as
+    ``torch.tril(torch.ones(L, L))`` works.
+    """
+    if mask is None:
+        return None
+    validate_mask(mask.shape, batch, heads, length)
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    if keep.dim() == 2:
+        return keep[None, None]
+    if keep.dim() == 3:
+        return keep[:, None]
+    return keep
