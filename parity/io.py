@@ -1,0 +1,46 @@
+"""Checkpoints exchanged as safetensors files in the PyTorch layout (never pickle).
+
+A file written from either framework holds ``state_dict`` keys (``w_q.weight`` as
+``(out, in)``), so ``load_state_dict(path)`` and ``load_flax_params(path)`` both read it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import safetensors.numpy
+import safetensors.torch
+import torch
+from torch import nn
+
+from .convert import flax_to_numpy_state, torch_to_flax
+
+__all__ = ["load_flax_params", "load_state_dict", "save_flax_params", "save_state_dict"]
+
+
+def save_state_dict(source: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write a module's (or a state_dict's) tensors to a safetensors file."""
+    state = source.state_dict() if isinstance(source, nn.Module) else source
+    safetensors.torch.save_file({k: v.detach().contiguous() for k, v in state.items()}, path)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file as a PyTorch ``state_dict``."""
+    return safetensors.torch.load_file(path)
+
+
+def save_flax_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write Flax params to a safetensors file in the PyTorch layout."""
+    safetensors.numpy.save_file(flax_to_numpy_state(params), path)
+
+
+def load_flax_params(path: str | os.PathLike, like: Mapping[str, Any] | None = None) -> dict:
+    """Read a safetensors file (PyTorch layout) as Flax params.
+
+    ``like``: optional Flax params to check names and shapes against. A 2-D ``weight`` is
+    read as a Dense kernel and a 1-D one as a LayerNorm scale (see ``parity.convert``).
+    """
+    state = safetensors.numpy.load_file(path)
+    return torch_to_flax({k: torch.from_numpy(v) for k, v in state.items()}, like=like)

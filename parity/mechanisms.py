@@ -1,0 +1,42 @@
+"""The mechanisms the parity report and the test matrix walk through.
+
+One row per mechanism: its class name (the same in both packages) and a small
+configuration whose sequence length is not a multiple of its window, block or rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import attentions_jax
+import attentions_torch
+
+__all__ = ["MECHANISMS", "Mechanism", "by_name"]
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    name: str
+    class_name: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def torch_layer(self, **overrides: Any):
+        return getattr(attentions_torch, self.class_name)(**{**self.kwargs, **overrides})
+
+    def flax_layer(self, **overrides: Any):
+        return getattr(attentions_jax, self.class_name)(**{**self.kwargs, **overrides})
+
+
+MECHANISMS: tuple[Mechanism, ...] = (
+    Mechanism("vanilla", "VanillaSelfAttention", {"d_model": 32}),
+    Mechanism("multi_head", "MultiHeadSelfAttention", {"d_model": 32, "num_heads": 4}),
+)
+
+
+def by_name(name: str) -> Mechanism:
+    for mechanism in MECHANISMS:
+        if mechanism.name == name:
+            return mechanism
+    raise ValueError(f"unknown mechanism {name!r}; expected one of {[m.name for m in MECHANISMS]}")
