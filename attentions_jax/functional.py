@@ -62,9 +62,7 @@ def _causal(query_positions: jax.Array, keys: int) -> jax.Array:
     return query_positions[:, None] >= jnp.arange(keys)[None, :]
 
 
-def _scores(
-    q: jax.Array, k: jax.Array, bias: jax.Array | None, scale: float
-) -> jax.Array:
+def _scores(q: jax.Array, k: jax.Array, bias: jax.Array | None, scale: float) -> jax.Array:
     """Scaled scores ``(B, H, L, S)`` in float32 or wider."""
     batch, heads, length, d_head = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]

@@ -43,7 +43,9 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _full_keep(mask: Tensor | None, is_causal: bool, length: int, keys: int, device) -> Tensor | None:
+def _full_keep(
+    mask: Tensor | None, is_causal: bool, length: int, keys: int, device
+) -> Tensor | None:
     causal = causal_mask(max(length, keys), device)[:length, :keys] if is_causal else None
     return combine_masks(mask, causal)
 

@@ -20,6 +20,7 @@ from .mechanisms import MECHANISMS
 MASKS = ("none", "causal", "padding")
 BATCH, LENGTH = 2, 13
 
+
 def _inputs(mechanism, mask_kind: str) -> tuple[np.ndarray, np.ndarray | None, bool]:
     rng = np.random.default_rng(0)
     input_dim = mechanism.kwargs.get("input_dim", mechanism.kwargs["d_model"])
@@ -30,16 +31,20 @@ def _inputs(mechanism, mask_kind: str) -> tuple[np.ndarray, np.ndarray | None, b
         return x, mask, False
     return x, None, mask_kind == "causal"
 
+
 def _cell(report: Report, prefix: str) -> str:
     found = report.worst(prefix)
     return "-" if found is None else f"{found.max_abs:.1e}"
+
 
 def run(mechanisms: list[str], dtypes: list[str], out=sys.stdout) -> bool:
     """Print the table; return ``True`` iff every row passes."""
     if "float64" in dtypes:
         enable_x64()
-    header = f"{'mechanism':<12} {'dtype':<9} {'mask':<8} {'output':>8} {'weights':>8} " \
-             f"{'grad x':>8} {'grad W':>8} {'worst/tol':>9}  result"
+    header = (
+        f"{'mechanism':<12} {'dtype':<9} {'mask':<8} {'output':>8} {'weights':>8} "
+        f"{'grad x':>8} {'grad W':>8} {'worst/tol':>9}  result"
+    )
     print(header, file=out)
     print("-" * len(header), file=out)
     all_passed = True
@@ -51,8 +56,12 @@ def run(mechanisms: list[str], dtypes: list[str], out=sys.stdout) -> bool:
                 x, mask, is_causal = _inputs(mechanism, mask_kind)
                 torch.manual_seed(0)
                 report = compare_layers(
-                    mechanism.torch_layer(), mechanism.flax_layer(), x, mask,
-                    is_causal=is_causal, dtype=dtype,
+                    mechanism.torch_layer(),
+                    mechanism.flax_layer(),
+                    x,
+                    mask,
+                    is_causal=is_causal,
+                    dtype=dtype,
                 )
                 worst = max(c.ratio for c in report.comparisons)
                 verdict = "PASS" if report.passed else "FAIL"
@@ -65,19 +74,28 @@ def run(mechanisms: list[str], dtypes: list[str], out=sys.stdout) -> bool:
                 )
     return all_passed
 
+
 def main(argv: list[str] | None = None) -> int:
     names = [m.name for m in MECHANISMS]
     parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__.split("\n")[0])
-    parser.add_argument("--mechanism", action="append", choices=names,
-                        help="only this mechanism (repeatable); default: all")
-    parser.add_argument("--dtype", action="append", choices=DTYPES,
-                        help="only this dtype (repeatable); default: all")
+    parser.add_argument(
+        "--mechanism",
+        action="append",
+        choices=names,
+        help="only this mechanism (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=DTYPES,
+        help="only this dtype (repeatable); default: all",
+    )
     args = parser.parse_args(argv)
     passed = run(args.mechanism or names, args.dtype or list(DTYPES))
     print("all PASS" if passed else "some rows FAIL")
     return 0 if passed else 1
 
-import torch  # noqa: E402  (seeding the PyTorch initialization above)
+
 
 if __name__ == "__main__":
     sys.exit(main())

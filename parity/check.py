@@ -106,7 +106,9 @@ def _run_torch(
     acc = torch.promote_types(tdtype, torch.float32)
     loss = (out.to(acc) * torch.tensor(_cotangent(out.shape, 1), dtype=acc)).sum()
     if weights is not None:
-        loss = loss + (weights.to(acc) * torch.tensor(_cotangent(weights.shape, 2), dtype=acc)).sum()
+        loss = (
+            loss + (weights.to(acc) * torch.tensor(_cotangent(weights.shape, 2), dtype=acc)).sum()
+        )
     loss.backward()
     result = {"output": out, "grad x": xt.grad}
     if weights is not None:
@@ -133,7 +135,9 @@ def _run_flax(
         out, weights = layer.apply({"params": params}, xj, mj, **call)
         loss = (out.astype(acc) * jnp.asarray(_cotangent(out.shape, 1), acc)).sum()
         if weights is not None:
-            loss = loss + (weights.astype(acc) * jnp.asarray(_cotangent(weights.shape, 2), acc)).sum()
+            loss = (
+                loss + (weights.astype(acc) * jnp.asarray(_cotangent(weights.shape, 2), acc)).sum()
+            )
         return loss, (out, weights)
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
@@ -144,8 +148,12 @@ def _run_flax(
     if weights is not None:
         result["weights"] = weights
     result.update({f"grad {n}": g for n, g in flax_to_numpy_state(grad_params).items()})
-    return {k: np.asarray(jnp.asarray(v, jnp.float64 if dtype == "float64" else jnp.float32),
-                          np.float64) for k, v in result.items()}
+    return {
+        k: np.asarray(
+            jnp.asarray(v, jnp.float64 if dtype == "float64" else jnp.float32), np.float64
+        )
+        for k, v in result.items()
+    }
 
 
 def compare_layers(
@@ -186,8 +194,10 @@ def compare_layers(
     theirs = _run_flax(flax_layer, params, x, mask, dtype, call, jit)
     scales = {}
     if dtype == "bfloat16":
-        scales = {k: float(np.abs(v).max(initial=0.0))
-                  for k, v in _run_torch(torch_layer, x, mask, "float32", call).items()}
+        scales = {
+            k: float(np.abs(v).max(initial=0.0))
+            for k, v in _run_torch(torch_layer, x, mask, "float32", call).items()
+        }
     report = Report(dtype)
     for name, ref in reference.items():
         report.comparisons.append(_compare(name, ref, theirs[name], dtype, scales.get(name, 0.0)))

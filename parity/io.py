@@ -20,7 +20,9 @@ from .convert import flax_to_numpy_state, torch_to_flax
 __all__ = ["load_flax_params", "load_state_dict", "save_flax_params", "save_state_dict"]
 
 
-def save_state_dict(source: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+def save_state_dict(
+    source: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike
+) -> None:
     """Write a module's (or a state_dict's) tensors to a safetensors file."""
     state = source.state_dict() if isinstance(source, nn.Module) else source
     safetensors.torch.save_file({k: v.detach().contiguous() for k, v in state.items()}, path)
