@@ -1,27 +1,31 @@
 """``python -m parity``: the cross-framework parity report on CPU.
 
 For every mechanism, dtype and mask it builds the PyTorch layer, moves its weights to the
-Flax twin, runs both, and prints the worst error of the output, the attention weights, the
-input gradient and the parameter gradients, with PASS/FAIL against SPEC §6. Exits 1 on
-any FAIL.
+Flax twin, runs both, and prints the largest error of the output, the attention weights,
+the input gradient and the parameter gradients, with PASS/FAIL against SPEC §6. Exits 1
+on any FAIL.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .check import DTYPES, Report, compare_layers, enable_x64
-from .mechanisms import MECHANISMS
+from .mechanisms import MECHANISMS, Mechanism
 
 MASKS = ("none", "causal", "padding")
 BATCH, LENGTH = 2, 13
+COLUMNS = ("output", "weights", "grad x", "grad W")
 
 
-def _inputs(mechanism, mask_kind: str) -> tuple[np.ndarray, np.ndarray | None, bool]:
+def _inputs(mechanism: Mechanism, mask_kind: str) -> tuple[np.ndarray, np.ndarray | None, bool]:
     rng = np.random.default_rng(0)
     input_dim = mechanism.kwargs.get("input_dim", mechanism.kwargs["d_model"])
     x = rng.standard_normal((BATCH, LENGTH, input_dim))
@@ -32,47 +36,57 @@ def _inputs(mechanism, mask_kind: str) -> tuple[np.ndarray, np.ndarray | None, b
     return x, None, mask_kind == "causal"
 
 
-def _cell(report: Report, prefix: str) -> str:
-    found = report.worst(prefix)
-    return "-" if found is None else f"{found.max_abs:.1e}"
+def _row(mechanism: Mechanism, dtype: str, mask_kind: str, report: Report) -> dict[str, Any]:
+    errors = {}
+    for column in COLUMNS:
+        worst = report.worst("grad w_" if column == "grad W" else column)
+        errors[column] = None if worst is None else worst.max_abs
+    return {
+        "mechanism": mechanism.name,
+        "dtype": dtype,
+        "mask": mask_kind,
+        "max_abs_error": errors,
+        "worst_ratio": max(c.ratio for c in report.comparisons),
+        "passed": report.passed,
+    }
 
 
-def run(mechanisms: list[str], dtypes: list[str], out=sys.stdout) -> bool:
-    """Print the table; return ``True`` iff every row passes."""
+def run(mechanisms: list[str], dtypes: list[str], progress: bool = True) -> list[dict[str, Any]]:
+    """Compare every (mechanism, dtype, mask) and return one result row for each."""
     if "float64" in dtypes:
         enable_x64()
+    cases = [(m, d, k) for m in MECHANISMS if m.name in mechanisms for d in dtypes for k in MASKS]
+    rows = []
+    for mechanism, dtype, mask_kind in tqdm(cases, desc="parity", disable=not progress):
+        x, mask, is_causal = _inputs(mechanism, mask_kind)
+        torch.manual_seed(0)
+        report = compare_layers(
+            mechanism.torch_layer(),
+            mechanism.flax_layer(),
+            x,
+            mask,
+            is_causal=is_causal,
+            dtype=dtype,
+        )
+        rows.append(_row(mechanism, dtype, mask_kind, report))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        f"{'mechanism':<12} {'dtype':<9} {'mask':<8} {'output':>8} {'weights':>8} "
-        f"{'grad x':>8} {'grad W':>8} {'worst/tol':>9}  result"
+        f"{'mechanism':<12} {'dtype':<9} {'mask':<8} "
+        + " ".join(f"{c:>8}" for c in COLUMNS)
+        + f" {'worst/tol':>9}  result"
     )
-    print(header, file=out)
-    print("-" * len(header), file=out)
-    all_passed = True
-    for mechanism in MECHANISMS:
-        if mechanism.name not in mechanisms:
-            continue
-        for dtype in dtypes:
-            for mask_kind in MASKS:
-                x, mask, is_causal = _inputs(mechanism, mask_kind)
-                torch.manual_seed(0)
-                report = compare_layers(
-                    mechanism.torch_layer(),
-                    mechanism.flax_layer(),
-                    x,
-                    mask,
-                    is_causal=is_causal,
-                    dtype=dtype,
-                )
-                worst = max(c.ratio for c in report.comparisons)
-                verdict = "PASS" if report.passed else "FAIL"
-                all_passed &= report.passed
-                print(
-                    f"{mechanism.name:<12} {dtype:<9} {mask_kind:<8} {_cell(report, 'output'):>8} "
-                    f"{_cell(report, 'weights'):>8} {_cell(report, 'grad x'):>8} "
-                    f"{_cell(report, 'grad w'):>8} {worst:>9.2f}  {verdict}",
-                    file=out,
-                )
-    return all_passed
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        errors = [row["max_abs_error"][c] for c in COLUMNS]
+        cells = " ".join(f"{'-' if e is None else format(e, '.1e'):>8}" for e in errors)
+        lines.append(
+            f"{row['mechanism']:<12} {row['dtype']:<9} {row['mask']:<8} {cells} "
+            f"{row['worst_ratio']:>9.2f}  {'PASS' if row['passed'] else 'FAIL'}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,11 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         choices=DTYPES,
         help="only this dtype (repeatable); default: all",
     )
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-': stdout)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    passed = run(args.mechanism or names, args.dtype or list(DTYPES))
-    print("all PASS" if passed else "some rows FAIL")
-    return 0 if passed else 1
-
+    rows = run(args.mechanism or names, args.dtype or list(DTYPES), not args.no_progress)
+    if args.json == "-":
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_table(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+    failed = sum(not row["passed"] for row in rows)
+    summary = f"{len(rows) - failed}/{len(rows)} rows PASS" + (f", {failed} FAIL" if failed else "")
+    print(summary, file=sys.stderr if args.json == "-" else sys.stdout)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
