@@ -1,0 +1,117 @@
+"""Bad and extreme input for every registered mechanism, in both frameworks (SPEC §7)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from parity import MECHANISMS, torch_to_flax
+
+L = 7
+
+
+def _pair(mechanism, **overrides):
+    torch.manual_seed(0)
+    torch_layer = mechanism.torch_layer(**overrides).eval()
+    flax_layer = mechanism.flax_layer(**overrides)
+    return torch_layer, flax_layer, {"params": torch_to_flax(torch_layer)}
+
+
+def _width(mechanism) -> int:
+    return mechanism.kwargs.get("input_dim", mechanism.kwargs["d_model"])
+
+
+def _both(mechanism, x, mask=None, need_weights=True, **overrides):
+    torch_layer, flax_layer, variables = _pair(mechanism, **overrides)
+    t_mask = None if mask is None else torch.tensor(mask)
+    j_mask = None if mask is None else jnp.asarray(mask)
+    with torch.no_grad():
+        t_out, t_w = torch_layer(torch.tensor(x), t_mask, need_weights=need_weights)
+    j_out, j_w = flax_layer.apply(variables, jnp.asarray(x), j_mask, need_weights=need_weights)
+    return (t_out.numpy(), None if t_w is None else t_w.numpy()), (
+        np.asarray(j_out),
+        None if j_w is None else np.asarray(j_w),
+    )
+
+
+def _messages(mechanism, x, mask) -> tuple[str, str]:
+    torch_layer, flax_layer, variables = _pair(mechanism)
+    with pytest.raises(ValueError) as t_err:
+        torch_layer(torch.tensor(x), None if mask is None else torch.tensor(mask))
+    with pytest.raises(ValueError) as j_err:
+        flax_layer.apply(variables, jnp.asarray(x), None if mask is None else jnp.asarray(mask))
+    return str(t_err.value), str(j_err.value)
+
+
+BAD_CALLS = {
+    "rank 2 input": lambda w: (np.zeros((L, w), np.float32), None),
+    "rank 4 input": lambda w: (np.zeros((1, 2, L, w), np.float32), None),
+    "wrong last dimension": lambda w: (np.zeros((2, L, w + 1), np.float32), None),
+    "mask not broadcastable": lambda w: (np.zeros((2, L, w), np.float32), np.ones((2, 3, 1, L))),
+    "mask of the wrong length": lambda w: (
+        np.zeros((2, L, w), np.float32),
+        np.ones((L + 1, L + 1)),
+    ),
+    "mask of rank 1": lambda w: (np.zeros((2, L, w), np.float32), np.ones((L,))),
+}
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_calls_raise_the_same_value_error(mechanism, case):
+    x, mask = BAD_CALLS[case](_width(mechanism))
+    t_msg, j_msg = _messages(mechanism, x, mask)
+    assert t_msg == j_msg
+    assert "expected" in t_msg
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
+def test_length_one_and_empty_batch(mechanism):
+    width = _width(mechanism)
+    for shape in ((2, 1, width), (0, L, width)):
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        for need_weights in (True, False):
+            (t_out, t_w), (j_out, j_w) = _both(mechanism, x, need_weights=need_weights)
+            assert t_out.shape == j_out.shape == (*shape[:2], mechanism.kwargs["d_model"])
+            np.testing.assert_allclose(t_out, j_out, atol=1e-5, rtol=1e-5)
+            assert np.isfinite(t_out).all() and np.isfinite(j_out).all()
+            if need_weights:
+                np.testing.assert_allclose(t_w, j_w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
+def test_nan_input_stays_in_its_batch_element(mechanism):
+    """Documented behaviour: NaN/inf in a sequence propagate to that sequence only."""
+    x = np.random.default_rng(0).standard_normal((2, L, _width(mechanism))).astype(np.float32)
+    x[0, 3, 0] = np.nan
+    for out, _ in _both(mechanism, x, need_weights=False):
+        assert np.isnan(out[0]).any()
+        assert np.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
+def test_huge_logits_give_finite_results(mechanism):
+    """Queries scaled by 1e4: scores of ~1e4..1e8 must not overflow the softmax."""
+    torch_layer, flax_layer, _ = _pair(mechanism)
+    with torch.no_grad():
+        torch_layer.w_q.weight.mul_(1e4)
+    variables = {"params": torch_to_flax(torch_layer)}
+    x = np.random.default_rng(0).standard_normal((2, L, _width(mechanism))).astype(np.float32)
+    keep = np.random.default_rng(1).random((2, L, L)) > 0.3
+    keep[0, 2] = False
+    for need_weights in (True, False):
+        with torch.no_grad():
+            t_out, t_w = torch_layer(torch.tensor(x), torch.tensor(keep), need_weights=need_weights)
+        j_out, j_w = flax_layer.apply(
+            variables, jnp.asarray(x), jnp.asarray(keep), need_weights=need_weights
+        )
+        for array in (t_out, j_out, t_w, j_w):
+            if array is not None:
+                assert np.isfinite(np.asarray(array)).all()
+        grads = jax.grad(
+            lambda p: flax_layer.apply({"params": p}, jnp.asarray(x), jnp.asarray(keep))[0].sum()
+        )(variables["params"])
+        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
