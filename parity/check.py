@@ -95,14 +95,19 @@ def _cotangent(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 def _run_torch(
-    layer: nn.Module, x: np.ndarray, mask: np.ndarray | None, dtype: str, call: Mapping
+    layer: nn.Module,
+    x: np.ndarray,
+    mask: np.ndarray | None,
+    dtype: str,
+    call: Mapping,
+    compile: bool = False,
 ) -> dict[str, np.ndarray]:
     """Forward + backward of ``sum(out * g) + sum(weights * g')`` in ``dtype``."""
     tdtype = _TORCH_DTYPES[dtype]
     layer = copy.deepcopy(layer).to(tdtype).eval()
     xt = torch.tensor(x, dtype=tdtype, requires_grad=True)
     mt = None if mask is None else torch.tensor(mask)
-    out, weights = layer(xt, mt, **call)
+    out, weights = (torch.compile(layer) if compile else layer)(xt, mt, **call)
     acc = torch.promote_types(tdtype, torch.float32)
     loss = (out.to(acc) * torch.tensor(_cotangent(out.shape, 1), dtype=acc)).sum()
     if weights is not None:
@@ -166,6 +171,7 @@ def compare_layers(
     need_weights: bool = True,
     dtype: str = "float32",
     jit: bool = False,
+    compile: bool = False,
 ) -> Report:
     """Run both layers with the PyTorch layer's weights and compare everything.
 
@@ -178,6 +184,7 @@ def compare_layers(
       dtype: ``"float64"``, ``"float32"`` or ``"bfloat16"``; float64 turns on JAX's
         64-bit mode.
       jit: run the Flax side under ``jax.jit``.
+      compile: run the PyTorch side under ``torch.compile``.
 
     Returns:
       A ``Report`` of output, weights, input-gradient and parameter-gradient errors.
@@ -190,7 +197,7 @@ def compare_layers(
     call = {"is_causal": is_causal, "need_weights": need_weights}
     ours = copy.deepcopy(torch_layer).to(_TORCH_DTYPES[dtype])
     params = torch_to_flax(ours)
-    reference = _run_torch(torch_layer, x, mask, dtype, call)
+    reference = _run_torch(torch_layer, x, mask, dtype, call, compile)
     theirs = _run_flax(flax_layer, params, x, mask, dtype, call, jit)
     scales = {}
     if dtype == "bfloat16":
