@@ -55,9 +55,34 @@ def validate_options(
         raise ValueError(f"rope needs an even head width d_head, got d_head={d_head}")
 
 
+def validate_rope_base(rope_base: float) -> None:
+    """RoPE's base must be a finite positive number (10000.0 in RoFormer and LLaMA)."""
+    if not 0.0 < rope_base < float("inf"):
+        raise ValueError(f"rope_base must be a finite positive number, got {rope_base!r}")
+
+
 def validate_feature_map(feature_map: str) -> None:
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+
+
+def validate_unscaled(temperature: float) -> None:
+    """Linear attention has no score scaling, so any temperature but 1.0 would be ignored."""
+    if temperature != 1.0:
+        raise ValueError(
+            f"temperature must be 1.0 for linear attention (it has no score scaling), "
+            f"got {temperature!r}"
+        )
+
+
+def validate_step_input(shape: Sequence[int], input_dim: int, batch: int) -> None:
+    """A recurrent step's ``x_t`` must be ``(B, input_dim)`` with the state's B."""
+    shape = _shape(shape)
+    if shape != (batch, input_dim):
+        raise ValueError(
+            f"expected x_t of shape (B, input_dim) = ({batch}, {input_dim}) to match the "
+            f"state, got {shape}"
+        )
 
 
 def validate_input(shape: Sequence[int], input_dim: int) -> None:

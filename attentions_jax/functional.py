@@ -8,14 +8,17 @@ Semantics shared with ``attentions_torch.functional``:
 
 * ``mask`` is a boolean keep-mask broadcastable to ``(B, H, L, S)``; ``is_causal`` ANDs
   the causal mask ``j <= i`` into it.
-* ``bias`` is added to the scaled scores (ALiBi), broadcastable to ``(B, H, L, S)``.
+* ``bias`` is added to the scaled scores, broadcastable to ``(B, H, L, S)``.
+* ``alibi_slopes`` ``(H,)`` adds the ALiBi bias ``-m_h * abs(i - j)`` after ``bias``; it is
+  built from positions for the queries at hand, so the fast path never holds it whole.
 * The softmax runs in float32 or wider and the result is cast back to the input dtype.
 * A query that sees no key gets a zero row of weights and a zero output, never NaN.
 
 The fast path (``need_weights=False``) walks over query chunks with ``lax.map``, so the
-scores it holds at once are ``(B, H, chunk, S)``; on CPU this runs about 3x faster than
-``jax.nn.dot_product_attention`` (measured by ``python -m parity.bench``), and unlike it
-serves float64 and gives zero rows to queries that see no key.
+scores (and the ALiBi bias) it holds at once are ``(B, H, chunk, S)``; on CPU this runs
+about 3x faster than ``jax.nn.dot_product_attention`` (measured by
+``python -m parity.bench``), and unlike it serves float64 and gives zero rows to queries
+that see no key.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .masks import combine_masks
 
 __all__ = [
     "QUERY_CHUNK",
+    "alibi_bias",
     "dot_product_attention",
     "dot_product_attention_weights",
     "merge_heads",
@@ -60,6 +64,36 @@ def _accumulation_dtype(dtype) -> jnp.dtype:
 def _causal(query_positions: jax.Array, keys: int) -> jax.Array:
     """``(l, S)`` keep-mask ``j <= i`` for the given query positions."""
     return query_positions[:, None] >= jnp.arange(keys)[None, :]
+
+
+def alibi_bias(slopes: jax.Array, query_positions: jax.Array, keys: int) -> jax.Array:
+    """``(H, l, S)`` ALiBi bias ``-m_h * abs(i - j)`` in the slopes' dtype.
+
+    slopes: ``(H,)``; query_positions: ``(l,)`` positions i; keys j are ``0..S-1``.
+    """
+    distance = jnp.abs(query_positions[:, None] - jnp.arange(keys)[None, :]).astype(slopes.dtype)
+    return -slopes[:, None, None] * distance
+
+
+def _with_alibi(
+    bias: jax.Array | None,
+    slopes: jax.Array | None,
+    query_positions: jax.Array,
+    keys: int,
+    dtype,
+) -> jax.Array | None:
+    """``bias + alibi_bias`` in ``dtype``, broadcastable to ``(B, H, l, S)``; either may be
+    absent."""
+    if slopes is None:
+        return bias
+    # (1, H, l, S), rank 4 like the scores and the masks it meets
+    alibi = alibi_bias(jnp.asarray(slopes, dtype), query_positions, keys)[None]
+    return alibi if bias is None else bias.astype(dtype) + alibi
+
+
+def _as_rank4(x: jax.Array | None) -> jax.Array | None:
+    """Left-pad a broadcastable operand to rank 4, so axis 2 is the query axis."""
+    return None if x is None else x.reshape((1,) * (4 - x.ndim) + x.shape)
 
 
 def _scores(q: jax.Array, k: jax.Array, bias: jax.Array | None, scale: float) -> jax.Array:
@@ -135,17 +169,21 @@ def dot_product_attention_weights(
     mask: jax.Array | None = None,
     *,
     bias: jax.Array | None = None,
+    alibi_slopes: jax.Array | None = None,
     is_causal: bool = False,
     scale: float | None = None,
 ) -> jax.Array:
     """Attention weights ``(B, H, L, S)`` in float32 or wider.
 
-    q: ``(B, H, L, D)``; k: ``(B, K, S, D)``. Rows sum to 1 over visible keys and are
-    exactly 0 where a key is hidden (the whole row for a query that sees nothing).
+    q: ``(B, H, L, D)``; k: ``(B, K, S, D)``; alibi_slopes: ``(H,)``. Rows sum to 1 over
+    visible keys and are exactly 0 where a key is hidden (the whole row for a query that
+    sees nothing).
     """
     length, d_head, keys = q.shape[2], q.shape[3], k.shape[2]
     scale = 1.0 / math.sqrt(d_head) if scale is None else scale
-    causal = _causal(jnp.arange(length), keys) if is_causal else None
+    positions = jnp.arange(length)
+    bias = _with_alibi(bias, alibi_slopes, positions, keys, _accumulation_dtype(q.dtype))
+    causal = _causal(positions, keys) if is_causal else None
     return _weights(q, k, combine_masks(mask, causal), bias, scale)
 
 
@@ -170,6 +208,7 @@ def _chunked_attention(
     v: jax.Array,
     mask: jax.Array | None,
     bias: jax.Array | None,
+    alibi_slopes: jax.Array | None,
     is_causal: bool,
     scale: float,
     chunk: int,
@@ -180,15 +219,18 @@ def _chunked_attention(
     chunk = min(chunk, length)
     steps = -(-length // chunk)
     padded = steps * chunk
+    acc = _accumulation_dtype(q.dtype)
     q = _pad_queries(q, padded, 0)
-    mask = _pad_queries(mask, padded, False)
-    bias = _pad_queries(bias, padded, 0)
+    mask = _pad_queries(_as_rank4(mask), padded, False)
+    bias = _pad_queries(_as_rank4(bias), padded, 0)
 
     def step(start: jax.Array) -> jax.Array:
+        positions = start + jnp.arange(chunk)
         keep = _chunk(mask, start, chunk)
         if is_causal:
-            keep = combine_masks(keep, _causal(start + jnp.arange(chunk), keys))
-        return _output(_chunk(q, start, chunk), k, v, keep, _chunk(bias, start, chunk), scale)
+            keep = combine_masks(keep, _causal(positions, keys))
+        chunk_bias = _with_alibi(_chunk(bias, start, chunk), alibi_slopes, positions, keys, acc)
+        return _output(_chunk(q, start, chunk), k, v, keep, chunk_bias, scale)
 
     # (steps, B, H, chunk, D) -> (B, H, steps * chunk, D)
     out = lax.map(step, jnp.arange(steps) * chunk)
@@ -203,6 +245,7 @@ def dot_product_attention(
     mask: jax.Array | None = None,
     *,
     bias: jax.Array | None = None,
+    alibi_slopes: jax.Array | None = None,
     is_causal: bool = False,
     scale: float | None = None,
     dropout_rate: float = 0.0,
@@ -216,6 +259,8 @@ def dot_product_attention(
       k, v: ``(B, K, S, D)`` with ``H % K == 0``.
       mask: boolean keep-mask broadcastable to ``(B, H, L, S)``, or ``None``.
       bias: additive score bias broadcastable to ``(B, H, L, S)``, or ``None``.
+      alibi_slopes: ``(H,)`` ALiBi slopes m_h, adding ``-m_h * abs(i - j)`` to the scores,
+        or ``None``.
       is_causal: AND the causal pattern ``j <= i`` into ``mask`` (static).
       scale: score scale, default ``1 / sqrt(D)``.
       dropout_rate: dropout on the attention weights; applied only with ``dropout_rng``.
@@ -230,10 +275,10 @@ def dot_product_attention(
     dropping = dropout_rate > 0.0 and dropout_rng is not None
     if need_weights or dropping:
         weights = dot_product_attention_weights(
-            q, k, mask, bias=bias, is_causal=is_causal, scale=scale
+            q, k, mask, bias=bias, alibi_slopes=alibi_slopes, is_causal=is_causal, scale=scale
         )
         dropped = _dropout(weights, dropout_rate, dropout_rng) if dropping else weights
         out = _apply_weights(dropped, v).astype(q.dtype)
         return out, weights.astype(q.dtype) if need_weights else None
-    out = _chunked_attention(q, k, v, mask, bias, is_causal, scale, QUERY_CHUNK)
+    out = _chunked_attention(q, k, v, mask, bias, alibi_slopes, is_causal, scale, QUERY_CHUNK)
     return out.astype(q.dtype), None

@@ -1,7 +1,9 @@
 """PyTorch attention mechanisms that compute the same functions as ``attentions_jax``."""
 
+from .alibi import ALiBiSelfAttention, AlibiSelfAttention, alibi_slopes
 from .base import SelfAttention
 from .functional import dot_product_attention, dot_product_attention_weights
+from .grouped import GroupedSelfAttention
 from .masks import (
     block_mask,
     causal_mask,
@@ -12,12 +14,18 @@ from .masks import (
 )
 from .multi_head import MultiHeadSelfAttention
 from .rope import apply_rope
+from .rotary import RotarySelfAttention
 from .vanilla import VanillaSelfAttention
 
 __all__ = [
+    "ALiBiSelfAttention",
+    "AlibiSelfAttention",
+    "GroupedSelfAttention",
     "MultiHeadSelfAttention",
+    "RotarySelfAttention",
     "SelfAttention",
     "VanillaSelfAttention",
+    "alibi_slopes",
     "apply_rope",
     "block_mask",
     "causal_mask",

@@ -32,6 +32,13 @@ class Mechanism:
 MECHANISMS: tuple[Mechanism, ...] = (
     Mechanism("vanilla", "VanillaSelfAttention", {"d_model": 32}),
     Mechanism("multi_head", "MultiHeadSelfAttention", {"d_model": 32, "num_heads": 4}),
+    Mechanism(
+        "grouped",
+        "GroupedSelfAttention",
+        {"d_model": 32, "num_query_heads": 4, "num_kv_heads": 2},
+    ),
+    Mechanism("alibi", "ALiBiSelfAttention", {"d_model": 48, "num_heads": 6}),
+    Mechanism("rotary", "RotarySelfAttention", {"d_model": 32, "num_heads": 4}),
 )
 
 

@@ -25,21 +25,19 @@ def test_same_public_names():
 
 
 def _torch_arguments(cls) -> list[tuple[str, object]]:
-    """The subclass's own parameters, then the options it forwards to ``SelfAttention``."""
-    own = [
-        (p.name, p.default)
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.name != "self" and p.kind is not p.VAR_KEYWORD
-    ]
-    takes_options = any(
-        p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()
-    )
+    """The subclass's positional parameters, then the options of ``SelfAttention`` with the
+    defaults the subclass overrides as keyword-only parameters (``rope=True`` on Rotary)."""
+    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    own = [(p.name, p.default) for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    overrides = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        return own + list(overrides.items())
     options = [
-        (p.name, p.default)
+        (p.name, overrides.get(p.name, p.default))
         for p in inspect.signature(at.SelfAttention.__init__).parameters.values()
         if p.kind is p.KEYWORD_ONLY
     ]
-    return own + (options if takes_options else [])
+    return own + options
 
 
 def _flax_arguments(cls) -> list[tuple[str, object]]:

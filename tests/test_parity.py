@@ -50,11 +50,12 @@ def test_parity(mechanism, dtype, mask_kind, need_weights):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("need_weights", [True, False])
 def test_parity_under_jax_jit(mechanism, dtype, need_weights):
+    """With projection biases, so their gradients are compared too."""
     x, mask, _ = _case(mechanism, "random_with_empty_row")
     torch.manual_seed(0)
     report = compare_layers(
-        mechanism.torch_layer(),
-        mechanism.flax_layer(),
+        mechanism.torch_layer(bias=True),
+        mechanism.flax_layer(bias=True),
         x,
         mask,
         need_weights=need_weights,
