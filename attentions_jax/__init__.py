@@ -4,6 +4,7 @@ from .alibi import ALiBiSelfAttention, AlibiSelfAttention, alibi_slopes
 from .base import SelfAttention
 from .functional import dot_product_attention, dot_product_attention_weights
 from .grouped import GroupedSelfAttention
+from .linear import LinearAttentionState, LinearSelfAttention, linear_attention
 from .masks import (
     block_mask,
     causal_mask,
@@ -21,6 +22,8 @@ __all__ = [
     "ALiBiSelfAttention",
     "AlibiSelfAttention",
     "GroupedSelfAttention",
+    "LinearAttentionState",
+    "LinearSelfAttention",
     "MultiHeadSelfAttention",
     "RotarySelfAttention",
     "SelfAttention",
@@ -33,6 +36,7 @@ __all__ = [
     "dilated_mask",
     "dot_product_attention",
     "dot_product_attention_weights",
+    "linear_attention",
     "local_mask",
     "padding_mask",
 ]

@@ -39,6 +39,7 @@ MECHANISMS: tuple[Mechanism, ...] = (
     ),
     Mechanism("alibi", "ALiBiSelfAttention", {"d_model": 48, "num_heads": 6}),
     Mechanism("rotary", "RotarySelfAttention", {"d_model": 32, "num_heads": 4}),
+    Mechanism("linear", "LinearSelfAttention", {"d_model": 32, "num_heads": 4}),
 )
 
 

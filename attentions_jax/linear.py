@@ -1,0 +1,370 @@
+"""Linear (kernel) self-attention, Katharopoulos et al. 2020, "Transformers are RNNs".
+
+Shape legend: B batch, L length, H heads, D head width, F = D feature index of
+``phi(q)``, ``phi(k)`` (the feature map keeps the width), C chunk length, N chunks.
+
+With ``phi(x) = elu(x) + 1`` (or ``relu``), no score scaling, ``EPS = 1e-6`` and the
+keep-mask M (SPEC §2)::
+
+    A[i, j] = M[i, j] phi(q_i)·phi(k_j) / (sum_j' M[i, j'] phi(q_i)·phi(k_j') + EPS)
+    out     = A @ V
+
+Paths, all computing that formula (``attentions_torch.linear`` takes the same steps):
+
+* no mask, or a mask that depends on the key only (padding, ``(B, 1, 1, L)``) or on the
+  query only (``(B, 1, L, 1)``): the mask is folded into the features (a hidden key or
+  query gets ``phi = 0``), then
+  - non-causal: ``phi(K)ᵀ[V, 1]`` once per head, O(L·D²) time, O(D²) state;
+  - causal: ``lax.scan`` over chunks of C queries, quadratic inside a chunk, carrying the
+    running ``phi(K)ᵀ[V, 1]`` ``(B, H, F, D + 1)`` between chunks, O(L·(C + D)·D) time;
+* a general ``(L, L)`` / ``(B, H, L, L)`` mask, or dropout in training (it drops entries
+  of A): ``out = A @ V`` from the quadratic form, O(L²·D).
+
+``need_weights=True`` also returns A ``(B, H, L, L)``, computed in one product from O(L)
+denominators; the output takes the same path either way and equals ``A @ V``.
+
+Appending a column of ones to V makes one product give numerator and denominator
+together: ``phi(q)·phi(K)ᵀ[V, 1] = [sum_j s_j v_j, sum_j s_j]``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._validation import (
+    validate_feature_map,
+    validate_positive,
+    validate_step_input,
+    validate_unscaled,
+)
+from .base import SelfAttention
+from .functional import merge_heads
+from .masks import causal_mask
+from .rope import rope_angles
+
+__all__ = ["CHUNK_SIZE", "EPS", "LinearAttentionState", "LinearSelfAttention", "linear_attention"]
+
+EPS = 1e-6
+"""Added to every denominator (SPEC §2); a query that sees no key gets ``0 / EPS = 0``."""
+
+CHUNK_SIZE = 64
+"""Smallest chunk of the causal fast path; the chunk is ``max(CHUNK_SIZE, D)`` (capped
+at L), as in ``attentions_torch.linear``."""
+
+
+class LinearAttentionState(NamedTuple):
+    """Recurrent state of causal linear attention after ``position`` tokens (a pytree).
+
+    kv: ``(B, H, F, D)`` sum of ``phi(k_j) v_jᵀ``; k_sum: ``(B, H, F)`` sum of
+    ``phi(k_j)``; position: 0-d integer, the number of tokens seen (the RoPE position of
+    the next one).
+    """
+
+    kv: jax.Array
+    k_sum: jax.Array
+    position: jax.Array
+
+
+def _accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for half types, the dtype itself for float32/float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _phi(x: jax.Array, name: str) -> jax.Array:
+    """``phi``: ``elu(x) + 1`` or ``relu(x)``, elementwise."""
+    if name == "relu":
+        return jax.nn.relu(x)
+    return jax.nn.elu(x) + 1
+
+
+def _fold_mask(
+    fq: jax.Array, fk: jax.Array, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Fold a key-only or query-only keep-mask into the features.
+
+    A hidden key (``phi(k_j) = 0``) drops out of every sum; a hidden query
+    (``phi(q_i) = 0``) gets ``0 / EPS = 0``. Returns ``(fq, fk, rest)`` where ``rest`` is
+    the mask still to apply (``None`` once folded, else the general ``(.., L, L)`` mask).
+    """
+    if mask is None:
+        return fq, fk, None
+    if mask.shape[-2] == 1:  # (B|1, H|1, 1, L): one flag per key
+        return fq, fk * jnp.swapaxes(mask, -1, -2), None
+    if mask.shape[-1] == 1:  # (B|1, H|1, L, 1): one flag per query
+        return fq * mask, fk, None
+    return fq, fk, mask
+
+
+def _append_ones(v: jax.Array) -> jax.Array:
+    """``(B, H, L, D) -> (B, H, L, D + 1)``: the last column sums the kernel (denominator)."""
+    return jnp.concatenate((v, jnp.ones((*v.shape[:-1], 1), v.dtype)), axis=-1)
+
+
+def _normalize(out: jax.Array) -> jax.Array:
+    """``[numerator, denominator]`` ``(.., D + 1) -> (.., D)``."""
+    return out[..., :-1] / (out[..., -1:] + EPS)
+
+
+def _global_attention(fq: jax.Array, fk: jax.Array, v: jax.Array) -> jax.Array:
+    """Non-causal O(L·D²): ``phi(Q) (phi(K)ᵀ [V, 1])``, out ``(B, H, L, D)``."""
+    # (B, H, L, F) x (B, H, L, D + 1) -> (B, H, F, D + 1)
+    kv = jnp.einsum("bhlf,bhld->bhfd", fk, _append_ones(v))
+    return _normalize(jnp.einsum("bhlf,bhfd->bhld", fq, kv))
+
+
+def _chunked(x: jax.Array, chunk: int) -> jax.Array:
+    """``(B, H, L, X) -> (N, B, H, C, X)``, zero-padding L up to ``N * C``."""
+    batch, heads, length, width = x.shape
+    padded = -(-length // chunk) * chunk
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, padded - length), (0, 0)))
+    return x.reshape(batch, heads, padded // chunk, chunk, width).transpose(2, 0, 1, 3, 4)
+
+
+def _chunk_step(
+    before: jax.Array, chunk: tuple[jax.Array, jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    """One chunk of the causal scan: ``(state, (phi(Q_c), phi(K_c), [V_c, 1]))``.
+
+    Returns the state after the chunk ``(B, H, F, D + 1)`` and the chunk's unnormalized
+    output ``(B, H, C, D + 1)``. A module-level function, so eager calls reuse its trace.
+    """
+    qc, kc, vc = chunk
+    # (B, H, C, F) x (B, H, C, F) -> (B, H, C, C), keys after the query zeroed
+    scores = jnp.where(causal_mask(qc.shape[2]), jnp.einsum("bhlf,bhsf->bhls", qc, kc), 0.0)
+    out = jnp.einsum("bhls,bhsd->bhld", scores, vc)
+    out = out + jnp.einsum("bhlf,bhfd->bhld", qc, before)
+    return before + jnp.einsum("bhsf,bhsd->bhfd", kc, vc), out
+
+
+def _causal_attention(fq: jax.Array, fk: jax.Array, v: jax.Array, chunk_size: int) -> jax.Array:
+    """Causal O(L·(C + D)·D) by chunks with ``lax.scan``, out ``(B, H, L, D)``.
+
+    Inside a chunk the masked kernel is explicit ``(C, C)``; the chunks before it enter
+    through the carried state ``phi(K)ᵀ [V, 1]`` of all earlier chunks. Padded keys have
+    ``phi = 0`` and padded queries are cut off, so the padding changes nothing.
+    """
+    batch, heads, length, d_head = v.shape
+    chunk = min(max(chunk_size, d_head), length)
+    xs = (_chunked(fq, chunk), _chunked(fk, chunk), _chunked(_append_ones(v), chunk))
+    start = jnp.zeros((batch, heads, d_head, d_head + 1), v.dtype)
+    _, out = lax.scan(_chunk_step, start, xs)
+    # (N, B, H, C, D + 1) -> (B, H, N * C, D + 1)
+    out = lax.collapse(out.transpose(1, 2, 0, 3, 4), 2, 4)
+    return _normalize(out[:, :, :length])
+
+
+def _kernel_weights(
+    fq: jax.Array, fk: jax.Array, mask: jax.Array | None, is_causal: bool
+) -> jax.Array:
+    """The weights A ``(B, H, L, L)`` of SPEC §2.
+
+    Without a general mask the denominators ``phi(q_i)·sum_j phi(k_j)`` (a prefix sum
+    when causal) cost O(L·D), so A is one product ``(phi(Q) / den) phi(K)ᵀ``.
+    """
+    if mask is None:
+        k_sums = jnp.cumsum(fk, axis=2) if is_causal else fk.sum(2, keepdims=True)
+        den = (fq * k_sums).sum(-1, keepdims=True) + EPS
+        weights = jnp.einsum("bhlf,bhsf->bhls", fq / den, fk)
+        return jnp.tril(weights) if is_causal else weights
+    keep = mask & causal_mask(fq.shape[2]) if is_causal else mask
+    scores = jnp.where(keep, jnp.einsum("bhlf,bhsf->bhls", fq, fk), 0.0)
+    return scores / (scores.sum(-1, keepdims=True) + EPS)
+
+
+def _dropout(weights: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), 0.0)
+
+
+def linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    is_causal: bool = False,
+    feature_map: str = "elu",
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    need_weights: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Kernel attention of SPEC §2 on heads.
+
+    Args:
+      q, k, v: ``(B, H, L, D)``.
+      mask: boolean keep-mask broadcastable to ``(B, H, L, L)`` (rank 4), or ``None``.
+      is_causal: AND the causal pattern ``j <= i`` into ``mask`` (static).
+      feature_map: ``"elu"`` (``elu + 1``) or ``"relu"``.
+      dropout_rate: dropout on the weights A; applied only with ``dropout_rng``, and then
+        takes the quadratic path.
+      dropout_rng: PRNG key for dropout, ``None`` for deterministic attention.
+      need_weights: ``True`` also returns A ``(B, H, L, L)`` (before dropout); the
+        output takes an O(L) path either way, unless ``mask`` is a general ``(L, L)``
+        mask or dropout is on (static).
+      chunk_size: smallest chunk of the causal O(L) path.
+
+    Returns:
+      ``(out, weights)``: out ``(B, H, L, D)`` in q's dtype; the arithmetic runs in float32
+      or wider.
+    """
+    acc = _accumulation_dtype(q.dtype)
+    fq = _phi(q.astype(acc), feature_map)
+    fk = _phi(k.astype(acc), feature_map)
+    v = v.astype(acc)
+    fq, fk, rest = _fold_mask(fq, fk, mask)
+    dropping = dropout_rate > 0.0 and dropout_rng is not None
+    # only a general mask or dropout on A makes the output go through the weights
+    quadratic = rest is not None or dropping
+    weights = _kernel_weights(fq, fk, rest, is_causal) if need_weights or quadratic else None
+    if quadratic:
+        dropped = _dropout(weights, dropout_rate, dropout_rng) if dropping else weights
+        # (B, H, L, S) x (B, H, S, D) -> (B, H, L, D)
+        out = jnp.einsum("bhls,bhsd->bhld", dropped, v)
+    elif is_causal:
+        out = _causal_attention(fq, fk, v, chunk_size)
+    else:
+        out = _global_attention(fq, fk, v)
+    return out.astype(q.dtype), weights.astype(q.dtype) if need_weights else None
+
+
+def _rope_at(x: jax.Array, position: jax.Array, *, base: float, interleaved: bool) -> jax.Array:
+    """RoPE of one position for ``x`` ``(B, H, D)``, as ``rope.apply_rope`` rotates row t.
+
+    The angle is computed in float64 under JAX's 64-bit mode and in float32 otherwise
+    (the full pass takes its tables from NumPy float64), so at large positions a float32
+    step can differ from the full pass by up to about ``position · 6e-8`` radians.
+    """
+    d_head = x.shape[-1]
+    acc = _accumulation_dtype(x.dtype)
+    wide = jax.dtypes.canonicalize_dtype(jnp.float64)
+    angles = position.astype(wide) * jnp.asarray(rope_angles(2, d_head, base)[1], wide)
+    cos, sin = jnp.cos(angles).astype(acc), jnp.sin(angles).astype(acc)
+    xa = x.astype(acc)
+    if interleaved:
+        even, odd = xa[..., 0::2], xa[..., 1::2]
+        rotated = jnp.stack((even * cos - odd * sin, even * sin + odd * cos), axis=-1)
+        return rotated.reshape(x.shape).astype(x.dtype)
+    first, second = xa[..., : d_head // 2], xa[..., d_head // 2 :]
+    rotated = jnp.concatenate((first * cos - second * sin, first * sin + second * cos), axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class LinearSelfAttention(SelfAttention):
+    """Linear attention (Katharopoulos et al. 2020): ``phi(q)·phi(k)`` kernel, no softmax.
+
+    ``feature_map``: ``"elu"`` (``elu(x) + 1``) or ``"relu"``. There is no score scaling,
+    so ``temperature`` must stay 1.0. ``rope=True`` rotates q and k before ``phi`` (the
+    kernel stays separable, so every path stays exact, but ``phi`` being nonlinear, the
+    kernel is not a function of ``i - j`` alone). ``dropout`` drops entries of A in
+    training, which needs the quadratic path.
+
+    Complexity (fast path, ``need_weights=False``): O(L·D²·H) time without a mask or with
+    a key-padding mask; O(L·(C + D)·D·H) when causal (``lax.scan`` over chunks,
+    C = max(64, D)); O(L²·D·H) with a general ``(L, L)`` mask. ``need_weights=True``:
+    O(L²·D·H) time, O(H·L²) memory. Recurrent decoding: ``init_state`` / ``step``
+    through ``apply(..., method=...)``, O(D²·H) per token.
+
+    Example::
+
+        attn = LinearSelfAttention(d_model=512, num_heads=8)
+        variables = attn.init(jax.random.key(0), x)
+        out, _ = attn.apply(variables, x, is_causal=True, need_weights=False)
+        state = attn.apply(variables, 1, method="init_state")
+        state, y_t = attn.apply(variables, state, x[:, 0], method="step")   # (1, 512)
+    """
+
+    chunk_size = CHUNK_SIZE
+
+    num_heads: int = 1
+    feature_map: str = "elu"
+
+    def __post_init__(self) -> None:
+        validate_feature_map(self.feature_map)
+        validate_unscaled(self.temperature)
+        super().__post_init__()
+
+    def head_counts(self) -> tuple[int, int]:
+        return self.num_heads, self.num_heads
+
+    def attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        mask: jax.Array | None,
+        *,
+        is_causal: bool,
+        need_weights: bool,
+        deterministic: bool,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Kernel attention on heads (``linear_attention``); q, k, v ``(B, H, L, D)``."""
+        dropping = not deterministic and self.dropout > 0.0
+        return linear_attention(
+            q,
+            k,
+            v,
+            mask,
+            is_causal=is_causal,
+            feature_map=self.feature_map,
+            dropout_rate=self.dropout,
+            dropout_rng=self.make_rng("dropout") if dropping else None,
+            need_weights=need_weights,
+            chunk_size=self.chunk_size,
+        )
+
+    def _project(self, name: str, x: jax.Array) -> jax.Array:
+        """The ``nn.Dense`` named ``name`` applied to ``x``, read from the bound params."""
+        params = self.variables["params"][name]
+        y = jnp.dot(x, params["kernel"])
+        return y + params["bias"] if self.bias else y
+
+    def init_state(self, batch: int) -> LinearAttentionState:
+        """The empty recurrent state for ``batch`` sequences (float32 or wider).
+
+        Call through ``apply(variables, batch, method="init_state")``: the state's dtype
+        follows the parameters'.
+        """
+        validate_positive("batch", batch)
+        acc = _accumulation_dtype(self.variables["params"]["w_q"]["kernel"].dtype)
+        shape = (batch, self.num_heads, self.d_head)
+        return LinearAttentionState(
+            kv=jnp.zeros((*shape, self.d_head), acc),
+            k_sum=jnp.zeros(shape, acc),
+            position=jnp.zeros((), int),
+        )
+
+    def step(
+        self, state: LinearAttentionState, x_t: jax.Array
+    ) -> tuple[LinearAttentionState, jax.Array]:
+        """One causal decoding step: the output for the token ``x_t`` ``(B, input_dim)``.
+
+        Call through ``apply(variables, state, x_t, method="step")`` (jit-able). Fed the
+        tokens of a sequence one by one from ``init_state``, the outputs equal the full
+        ``is_causal=True`` pass (no mask, no dropout). Returns ``(state, y_t)``,
+        y_t ``(B, E)``.
+        """
+        input_dim = self.d_model if self.input_dim is None else self.input_dim
+        validate_step_input(x_t.shape, input_dim, state.kv.shape[0])
+        batch = x_t.shape[0]
+        q = self._project("w_q", x_t).reshape(batch, self.num_heads, self.d_head)
+        k = self._project("w_k", x_t).reshape(batch, self.num_heads, self.d_head)
+        v = self._project("w_v", x_t).reshape(batch, self.num_heads, self.d_head)
+        if self.rope:
+            q = _rope_at(q, state.position, base=self.rope_base, interleaved=self.rope_interleaved)
+            k = _rope_at(k, state.position, base=self.rope_base, interleaved=self.rope_interleaved)
+        acc = state.kv.dtype
+        fq = _phi(q.astype(acc), self.feature_map)
+        fk = _phi(k.astype(acc), self.feature_map)
+        # (B, H, F, 1) * (B, H, 1, D): this token's outer product joins the sum
+        kv = state.kv + fk[..., :, None] * v.astype(acc)[..., None, :]
+        k_sum = state.k_sum + fk
+        num = jnp.einsum("bhf,bhfd->bhd", fq, kv)
+        den = (fq * k_sum).sum(-1, keepdims=True) + EPS
+        out = (num / den).astype(x_t.dtype)[:, :, None]
+        y_t = self._project("w_o", merge_heads(out))[:, 0]
+        return LinearAttentionState(kv, k_sum, state.position + 1), y_t

@@ -1,0 +1,321 @@
+"""Linear (kernel) self-attention, Katharopoulos et al. 2020, "Transformers are RNNs".
+
+Shape legend: B batch, L length, H heads, D head width, F = D feature index of
+``phi(q)``, ``phi(k)`` (the feature map keeps the width), C chunk length, N chunks.
+
+With ``phi(x) = elu(x) + 1`` (or ``relu``), no score scaling, ``EPS = 1e-6`` and the
+keep-mask M (SPEC §2)::
+
+    A[i, j] = M[i, j] phi(q_i)·phi(k_j) / (sum_j' M[i, j'] phi(q_i)·phi(k_j') + EPS)
+    out     = A @ V
+
+Paths, all computing that formula (``attentions_jax.linear`` takes the same steps):
+
+* no mask, or a mask that depends on the key only (padding, ``(B, 1, 1, L)``) or on the
+  query only (``(B, 1, L, 1)``): the mask is folded into the features (a hidden key or
+  query gets ``phi = 0``), then
+  - non-causal: ``phi(K)ᵀ[V, 1]`` once per head, O(L·D²) time, O(D²) state;
+  - causal: chunks of C queries, quadratic inside a chunk plus the prefix sum of the
+    earlier chunks' ``phi(K_c)ᵀ[V_c, 1]``, O(L·(C + D)·D) time, O(L·D) memory;
+* a general ``(L, L)`` / ``(B, H, L, L)`` mask, or dropout in training (it drops entries
+  of A): ``out = A @ V`` from the quadratic form, O(L²·D).
+
+``need_weights=True`` also returns A ``(B, H, L, L)``, computed in one product from O(L)
+denominators; the output takes the same path either way and equals ``A @ V``.
+
+Appending a column of ones to V makes one product give numerator and denominator
+together: ``phi(q)·phi(K)ᵀ[V, 1] = [sum_j s_j v_j, sum_j s_j]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._validation import (
+    validate_feature_map,
+    validate_positive,
+    validate_step_input,
+    validate_unscaled,
+)
+from .base import SelfAttention
+from .functional import merge_heads
+from .masks import causal_mask
+from .rope import rope_angles
+
+__all__ = ["CHUNK_SIZE", "EPS", "LinearAttentionState", "LinearSelfAttention", "linear_attention"]
+
+EPS = 1e-6
+"""Added to every denominator (SPEC §2); a query that sees no key gets ``0 / EPS = 0``."""
+
+CHUNK_SIZE = 64
+"""Smallest chunk of the causal fast path; the chunk is ``max(CHUNK_SIZE, D)`` (capped
+at L), so neither the intra-chunk scores ``(L, C)`` nor the chunk states ``(L / C, D, D)``
+outgrow the ``(L, D)`` inputs."""
+
+
+class LinearAttentionState(NamedTuple):
+    """Recurrent state of causal linear attention after ``position`` tokens.
+
+    kv: ``(B, H, F, D)`` sum of ``phi(k_j) v_jᵀ``; k_sum: ``(B, H, F)`` sum of
+    ``phi(k_j)``; position: 0-d integer, the number of tokens seen (the RoPE position of
+    the next one).
+    """
+
+    kv: Tensor
+    k_sum: Tensor
+    position: Tensor
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, the dtype itself for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _phi(x: Tensor, name: str) -> Tensor:
+    """``phi``: ``elu(x) + 1`` or ``relu(x)``, elementwise."""
+    if name == "relu":
+        return F.relu(x)
+    return F.elu(x) + 1
+
+
+def _fold_mask(fq: Tensor, fk: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Fold a key-only or query-only keep-mask into the features.
+
+    A hidden key (``phi(k_j) = 0``) drops out of every sum; a hidden query
+    (``phi(q_i) = 0``) gets ``0 / EPS = 0``. Returns ``(fq, fk, rest)`` where ``rest`` is
+    the mask still to apply (``None`` once folded, else the general ``(.., L, L)`` mask).
+    """
+    if mask is None:
+        return fq, fk, None
+    if mask.shape[-2] == 1:  # (B|1, H|1, 1, L): one flag per key
+        return fq, fk * mask.transpose(-1, -2), None
+    if mask.shape[-1] == 1:  # (B|1, H|1, L, 1): one flag per query
+        return fq * mask, fk, None
+    return fq, fk, mask
+
+
+def _append_ones(v: Tensor) -> Tensor:
+    """``(B, H, L, D) -> (B, H, L, D + 1)``: the last column sums the kernel (denominator)."""
+    return torch.cat((v, v.new_ones(*v.shape[:-1], 1)), dim=-1)
+
+
+def _normalize(out: Tensor) -> Tensor:
+    """``[numerator, denominator]`` ``(.., D + 1) -> (.., D)``."""
+    return out[..., :-1] / (out[..., -1:] + EPS)
+
+
+def _global_attention(fq: Tensor, fk: Tensor, v: Tensor) -> Tensor:
+    """Non-causal O(L·D²): ``phi(Q) (phi(K)ᵀ [V, 1])``, out ``(B, H, L, D)``."""
+    # (B, H, L, F)ᵀ @ (B, H, L, D + 1) -> (B, H, F, D + 1)
+    kv = fk.transpose(-1, -2) @ _append_ones(v)
+    return _normalize(fq @ kv)
+
+
+def _chunked(x: Tensor, chunk: int) -> Tensor:
+    """``(B, H, L, X) -> (B, H, N, C, X)``, zero-padding L up to ``N * C``."""
+    batch, heads, length, width = x.shape
+    padded = -(-length // chunk) * chunk
+    if padded != length:
+        x = F.pad(x, (0, 0, 0, padded - length))
+    return x.view(batch, heads, padded // chunk, chunk, width)
+
+
+def _causal_attention(fq: Tensor, fk: Tensor, v: Tensor, chunk_size: int) -> Tensor:
+    """Causal O(L·(C + D)·D) by chunks, out ``(B, H, L, D)``.
+
+    Inside a chunk the masked kernel is explicit ``(C, C)``; the chunks before it enter as
+    the exclusive prefix sum of the chunk states ``phi(K_c)ᵀ [V_c, 1]``. Padded keys have
+    ``phi = 0`` and padded queries are cut off, so the padding changes nothing.
+    """
+    length, d_head = v.shape[2:]
+    chunk = min(max(chunk_size, d_head), length)
+    qc, kc, vc = _chunked(fq, chunk), _chunked(fk, chunk), _chunked(_append_ones(v), chunk)
+    # (B, H, N, C, F) @ (B, H, N, F, C) -> (B, H, N, C, C), keys after the query zeroed
+    scores = (qc @ kc.transpose(-1, -2)).tril_()
+    # (B, H, N, F, C) @ (B, H, N, C, D + 1) -> (B, H, N, F, D + 1): the state after each chunk
+    states = (kc.transpose(-1, -2) @ vc).cumsum_(2)
+    out = scores @ vc
+    # chunk n also sees the chunks before it, through the state after chunk n - 1
+    out[:, :, 1:] += qc[:, :, 1:] @ states[:, :, :-1]
+    return _normalize(out.flatten(2, 3)[:, :, :length])
+
+
+def _kernel_weights(fq: Tensor, fk: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    """The weights A ``(B, H, L, L)`` of SPEC §2.
+
+    Without a general mask the denominators ``phi(q_i)·sum_j phi(k_j)`` (a prefix sum
+    when causal) cost O(L·D), so A is one product ``(phi(Q) / den) phi(K)ᵀ``.
+    """
+    if mask is None:
+        k_sums = fk.cumsum(2) if is_causal else fk.sum(2, keepdim=True)
+        den = (fq * k_sums).sum(-1, keepdim=True) + EPS
+        weights = (fq / den) @ fk.transpose(-1, -2)
+        return weights.tril_() if is_causal else weights  # in place: one (L, L) buffer
+    keep = mask & causal_mask(fq.shape[2], fq.device) if is_causal else mask
+    scores = (fq @ fk.transpose(-1, -2)) * keep
+    return scores / (scores.sum(-1, keepdim=True) + EPS)
+
+
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    is_causal: bool = False,
+    feature_map: str = "elu",
+    dropout_p: float = 0.0,
+    need_weights: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[Tensor, Tensor | None]:
+    """Kernel attention of SPEC §2 on heads.
+
+    Args:
+      q, k, v: ``(B, H, L, D)``.
+      mask: boolean keep-mask broadcastable to ``(B, H, L, L)`` (rank 4), or ``None``.
+      is_causal: AND the causal pattern ``j <= i`` into ``mask``.
+      feature_map: ``"elu"`` (``elu + 1``) or ``"relu"``.
+      dropout_p: dropout on the weights A (pass 0.0 outside training); > 0 takes the
+        quadratic path.
+      need_weights: ``True`` also returns A ``(B, H, L, L)`` (before dropout); the
+        output takes an O(L) path either way, unless ``mask`` is a general ``(L, L)``
+        mask or dropout is on.
+      chunk_size: smallest chunk of the causal O(L) path.
+
+    Returns:
+      ``(out, weights)``: out ``(B, H, L, D)`` in q's dtype; the arithmetic runs in float32
+      or wider.
+    """
+    acc = _accumulation_dtype(q.dtype)
+    fq = _phi(q.to(acc), feature_map)
+    fk = _phi(k.to(acc), feature_map)
+    v = v.to(acc)
+    fq, fk, rest = _fold_mask(fq, fk, mask)
+    # only a general mask or dropout on A makes the output go through the weights
+    quadratic = rest is not None or dropout_p > 0.0
+    weights = _kernel_weights(fq, fk, rest, is_causal) if need_weights or quadratic else None
+    if quadratic:
+        out = (F.dropout(weights, dropout_p) if dropout_p > 0.0 else weights) @ v
+    elif is_causal:
+        out = _causal_attention(fq, fk, v, chunk_size)
+    else:
+        out = _global_attention(fq, fk, v)
+    return out.to(q.dtype), weights.to(q.dtype) if need_weights else None
+
+
+def _rope_at(x: Tensor, position: Tensor, *, base: float, interleaved: bool) -> Tensor:
+    """RoPE of one position for ``x`` ``(B, H, D)``, as ``rope.apply_rope`` rotates row t."""
+    d_head = x.shape[-1]
+    acc = _accumulation_dtype(x.dtype)
+    angles = position.to(torch.float64) * rope_angles(2, d_head, base, x.device)[1]
+    cos, sin = angles.cos().to(acc), angles.sin().to(acc)
+    xa = x.to(acc)
+    if interleaved:
+        even, odd = xa[..., 0::2], xa[..., 1::2]
+        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+        return rotated.flatten(-2).to(x.dtype)
+    first, second = xa[..., : d_head // 2], xa[..., d_head // 2 :]
+    rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+    return rotated.to(x.dtype)
+
+
+class LinearSelfAttention(SelfAttention):
+    """Linear attention (Katharopoulos et al. 2020): ``phi(q)·phi(k)`` kernel, no softmax.
+
+    ``feature_map``: ``"elu"`` (``elu(x) + 1``) or ``"relu"``. There is no score scaling,
+    so ``temperature`` must stay 1.0. ``rope=True`` rotates q and k before ``phi`` (the
+    kernel stays separable, so every path stays exact, but ``phi`` being nonlinear, the
+    kernel is not a function of ``i - j`` alone). ``dropout`` drops entries of A in
+    training, which needs the quadratic path.
+
+    Complexity (fast path, ``need_weights=False``): O(L·D²·H) time without a mask or with
+    a key-padding mask; O(L·(C + D)·D·H) when causal (chunked, C = max(64, D)); O(L²·D·H)
+    with a general ``(L, L)`` mask. ``need_weights=True``: O(L²·D·H) time, O(H·L²)
+    memory. Recurrent decoding: ``init_state`` / ``step``, O(D²·H) per token.
+
+    Example::
+
+        attn = LinearSelfAttention(d_model=512, num_heads=8)
+        out, _ = attn(torch.randn(1, 65536, 512), is_causal=True, need_weights=False)
+        state = attn.init_state(batch=1)
+        state, y_t = attn.step(state, torch.randn(1, 512))   # (1, 512)
+    """
+
+    chunk_size = CHUNK_SIZE
+
+    def __init__(
+        self, d_model: int, num_heads: int = 1, feature_map: str = "elu", **options: Any
+    ) -> None:
+        validate_feature_map(feature_map)
+        validate_unscaled(options.get("temperature", 1.0))
+        super().__init__(d_model, num_heads, num_heads, **options)
+        self.feature_map = feature_map
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        *,
+        is_causal: bool,
+        need_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Kernel attention on heads (``linear_attention``); q, k, v ``(B, H, L, D)``."""
+        return linear_attention(
+            q,
+            k,
+            v,
+            mask,
+            is_causal=is_causal,
+            feature_map=self.feature_map,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+            chunk_size=self.chunk_size,
+        )
+
+    def init_state(self, batch: int) -> LinearAttentionState:
+        """The empty recurrent state for ``batch`` sequences (float32 or wider)."""
+        validate_positive("batch", batch)
+        weight = self.w_q.weight
+        acc = _accumulation_dtype(weight.dtype)
+        shape = (batch, self.num_heads, self.d_head)
+        return LinearAttentionState(
+            kv=weight.new_zeros((*shape, self.d_head), dtype=acc),
+            k_sum=weight.new_zeros(shape, dtype=acc),
+            position=torch.zeros((), dtype=torch.long, device=weight.device),
+        )
+
+    def step(self, state: LinearAttentionState, x_t: Tensor) -> tuple[LinearAttentionState, Tensor]:
+        """One causal decoding step: the output for the token ``x_t`` ``(B, input_dim)``.
+
+        Fed the tokens of a sequence one by one from ``init_state``, the outputs equal the
+        full ``is_causal=True`` pass (no mask, no dropout). Returns ``(state, y_t)``,
+        y_t ``(B, E)``.
+        """
+        validate_step_input(x_t.shape, self.input_dim, state.kv.shape[0])
+        batch = x_t.shape[0]
+        q = self.w_q(x_t).view(batch, self.num_heads, self.d_head)
+        k = self.w_k(x_t).view(batch, self.num_heads, self.d_head)
+        v = self.w_v(x_t).view(batch, self.num_heads, self.d_head)
+        if self.rope:
+            q = _rope_at(q, state.position, base=self.rope_base, interleaved=self.rope_interleaved)
+            k = _rope_at(k, state.position, base=self.rope_base, interleaved=self.rope_interleaved)
+        acc = state.kv.dtype
+        fq = _phi(q.to(acc), self.feature_map)
+        fk = _phi(k.to(acc), self.feature_map)
+        # (B, H, F, 1) * (B, H, 1, D): this token's outer product joins the sum
+        kv = state.kv + fk[..., :, None] * v.to(acc)[..., None, :]
+        k_sum = state.k_sum + fk
+        num = (fq[..., None, :] @ kv)[..., 0, :]
+        den = (fq * k_sum).sum(-1, keepdim=True) + EPS
+        out = (num / den).to(x_t.dtype)[:, :, None]
+        y_t = self.w_o(merge_heads(out))[:, 0]
+        return LinearAttentionState(kv, k_sum, state.position + 1), y_t
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, feature_map={self.feature_map!r}"
