@@ -2,9 +2,12 @@
 
 from .alibi import ALiBiSelfAttention, AlibiSelfAttention, alibi_slopes
 from .base import SelfAttention
+from .block import BlockSelfAttention
+from .dilated import DilatedSelfAttention
 from .functional import dot_product_attention, dot_product_attention_weights
 from .grouped import GroupedSelfAttention
 from .linear import LinearAttentionState, LinearSelfAttention, linear_attention
+from .local import LocalSelfAttention
 from .masks import (
     block_mask,
     causal_mask,
@@ -21,9 +24,12 @@ from .vanilla import VanillaSelfAttention
 __all__ = [
     "ALiBiSelfAttention",
     "AlibiSelfAttention",
+    "BlockSelfAttention",
+    "DilatedSelfAttention",
     "GroupedSelfAttention",
     "LinearAttentionState",
     "LinearSelfAttention",
+    "LocalSelfAttention",
     "MultiHeadSelfAttention",
     "RotarySelfAttention",
     "SelfAttention",

@@ -39,6 +39,11 @@ MECHANISMS: tuple[Mechanism, ...] = (
     ),
     Mechanism("alibi", "ALiBiSelfAttention", {"d_model": 48, "num_heads": 6}),
     Mechanism("rotary", "RotarySelfAttention", {"d_model": 32, "num_heads": 4}),
+    Mechanism("local", "LocalSelfAttention", {"d_model": 32, "window_size": 5, "num_heads": 4}),
+    Mechanism(
+        "dilated", "DilatedSelfAttention", {"d_model": 32, "dilation_rate": 3, "num_heads": 4}
+    ),
+    Mechanism("block", "BlockSelfAttention", {"d_model": 32, "block_size": 4, "num_heads": 4}),
     Mechanism("linear", "LinearSelfAttention", {"d_model": 32, "num_heads": 4}),
 )
 

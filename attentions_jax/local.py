@@ -1,0 +1,130 @@
+"""Local (sliding-window) self-attention: query i sees key j iff ``|i - j| <= window_size // 2``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from ._validation import validate_positive
+from .base import SelfAttention
+from .masks import local_mask
+from .sparse import Tiling, merge_tiles, pad_positions, tiled_attention
+
+__all__ = ["LocalSelfAttention", "LocalTiling", "local_tiling"]
+
+MIN_CHUNK = 32
+"""Fewest queries per tile: smaller tiles make too many small matrix products."""
+
+
+@dataclass(frozen=True)
+class LocalTiling(Tiling):
+    """Chunks of ``c`` queries, each with the window of keys from ``t·c - h``.
+
+    ``half`` is ``h = window_size // 2``. The key windows overlap: one gather lays them out
+    from the keys (only the end tiles' windows are padded).
+    """
+
+    half: int
+
+    def query_tiles(self, x: jax.Array, tiles: slice) -> jax.Array:
+        chunk = self.queries.shape[1]
+        piece = pad_positions(x, tiles.start * chunk, tiles.stop * chunk)
+        return piece.reshape(x.shape[0], tiles.stop - tiles.start, chunk, x.shape[2])
+
+    def key_tiles(self, x: jax.Array, tiles: slice) -> jax.Array:
+        chunk, width = self.queries.shape[1], self.keys.shape[1]
+        count = tiles.stop - tiles.start
+        start = tiles.start * chunk - self.half
+        piece = pad_positions(x, start, start + (count - 1) * chunk + width)
+        # (G, n, S, D) windows of S keys every c positions
+        return piece[:, (jnp.arange(count) * chunk)[:, None] + jnp.arange(width)]
+
+    def untile(self, out: jax.Array) -> jax.Array:
+        return merge_tiles(out)[:, : self.length]
+
+    def keep(self, tiles: slice, is_causal: bool) -> jax.Array:
+        queries, keys = self.queries[tiles], self.keys[tiles]
+        if self.interior(tiles):
+            # away from the ends every tile has the same band: one (Q, S) mask serves all
+            queries, keys = queries[:1], keys[:1]
+        rows, cols = queries[:, :, None], keys[:, None, :]
+        keep = (jnp.abs(rows - cols) <= self.half) & (cols >= 0) & (cols < self.length)
+        if is_causal:
+            keep = keep & (cols <= rows)
+        return keep[None, None]
+
+
+def local_tiling(length: int, window_size: int, *, is_causal: bool) -> LocalTiling:
+    """Chunks of ``c = max(MIN_CHUNK, window_size // 2)`` queries, each with its band of keys.
+
+    With half-window ``h``, chunk t holds queries ``t·c .. t·c + c - 1`` and the keys
+    ``t·c - h .. t·c + c - 1 + h`` (``+ 0`` when causal): ``c + 2h`` keys (``c + h``), of
+    which each query sees at most ``2h + 1``. Time and memory are O(L · (c + 2h)).
+    """
+    half = window_size // 2
+    chunk = min(max(MIN_CHUNK, half), length)
+    tiles = -(-length // chunk)
+    width = chunk + half + (0 if is_causal else half)
+    starts = jnp.arange(tiles) * chunk
+    queries = starts[:, None] + jnp.arange(chunk)
+    keys = (starts - half)[:, None] + jnp.arange(width)
+    # tiles whose window starts before 0 or ends after L - 1
+    front = min(-(-half // chunk), tiles)
+    back = min(tiles - max(0, -(-(length + half - width + 1) // chunk)), tiles - front)
+    return LocalTiling(queries, keys, length, edges=(front, back), half=half)
+
+
+class LocalSelfAttention(SelfAttention):
+    """Multi-head attention within a sliding window: key j visible from query i iff
+    ``|i - j| <= window_size // 2`` (a window of ``window_size`` keys for odd sizes).
+
+    The fast path (``need_weights=False``) computes only the band, chunk by chunk: time and
+    memory O(L · w · E), never an ``(L, L)`` tensor. ``need_weights=True`` scatters the
+    band's weights into the dense ``(B, H, L, L)`` result (zero outside the window).
+
+    Example::
+
+        attn = LocalSelfAttention(d_model=128, window_size=64, num_heads=8)
+        variables = attn.init(jax.random.key(0), x)
+        out, _ = attn.apply(variables, x, need_weights=False)   # (4, 16384, 128)
+    """
+
+    window_size: int
+    num_heads: int
+
+    def __post_init__(self) -> None:
+        validate_positive("window_size", self.window_size)
+        super().__post_init__()
+
+    def head_counts(self) -> tuple[int, int]:
+        return self.num_heads, self.num_heads
+
+    def pattern(self, length: int) -> jax.Array:
+        return local_mask(length, self.window_size)
+
+    def attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        mask: jax.Array | None,
+        *,
+        is_causal: bool,
+        need_weights: bool,
+        deterministic: bool,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        dropping = not deterministic and self.dropout > 0.0
+        return tiled_attention(
+            q,
+            k,
+            v,
+            mask,
+            local_tiling(q.shape[2], self.window_size, is_causal=is_causal),
+            is_causal=is_causal,
+            scale=self.scale,
+            dropout_rate=self.dropout,
+            dropout_rng=self.make_rng("dropout") if dropping else None,
+            need_weights=need_weights,
+        )
