@@ -1,0 +1,37 @@
+"""``python -m parity.bench``: speed and memory of every mechanism, beside the fused kernels.
+
+For each mechanism x framework x L it times the layer's fast path (``need_weights=False``)
+forward and forward+backward (median after a warm-up; JAX compile time apart), measures
+peak memory, counts useful GFLOP/s (only the q·k pairs the pattern lets through), and
+times the fused references in the same process: PyTorch
+``F.scaled_dot_product_attention`` and ``jax.nn.dot_product_attention``, dense and with
+the mechanism's own mask or bias. Then it checks the speed targets of issue 6 as ratios.
+
+A mechanism plugs in by one row of ``cases.CASES``; a class a package lacks is reported
+"not available yet" and skipped.
+"""
+
+from .cases import CASES, BenchCase, visible_pairs
+from .cli import main, parse_args, run
+from .plan import Cell, useful_flops
+from .runner import Bench, Measurement, Planner
+from .targets import FULL_SIZES, QUICK_SIZES, Check, TargetSizes, checks
+
+__all__ = [
+    "CASES",
+    "FULL_SIZES",
+    "QUICK_SIZES",
+    "Bench",
+    "BenchCase",
+    "Cell",
+    "Check",
+    "Measurement",
+    "Planner",
+    "TargetSizes",
+    "checks",
+    "main",
+    "parse_args",
+    "run",
+    "useful_flops",
+    "visible_pairs",
+]

@@ -1,0 +1,8 @@
+"""``python -m parity.bench``; see ``parity.bench`` and ``--help``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

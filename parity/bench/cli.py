@@ -1,0 +1,239 @@
+"""``python -m parity.bench``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .cases import CASES, by_name
+from .measure import machine_description
+from .plan import MODES, SCOPES, Cell
+from .report import format_checks, format_rows, plot, sweep
+from .runner import Bench, Measurement, Planner
+from .targets import FULL_SIZES, QUICK_SIZES, checks
+
+__all__ = ["main", "parse_args", "run"]
+
+QUICK_LENGTHS = (64, 128)
+REFERENCES = ("same", "dense")
+
+
+def _list(kind, choices=None):
+    def parse(text: str) -> list:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+        if choices is not None and any(value not in choices for value in values):
+            raise argparse.ArgumentTypeError(f"expected a comma list of {list(choices)}")
+        return values
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m parity.bench",
+        description="Time, memory and useful GFLOP/s of every mechanism in PyTorch and JAX, "
+        "side by side with the fused references, and the speed targets of issue 6.",
+    )
+    names = [case.name for case in CASES]
+    parser.add_argument(
+        "--mechanism", action="append", choices=names, help="repeatable; default: all"
+    )
+    parser.add_argument(
+        "--framework", action="append", choices=("torch", "jax"), help="repeatable; default: both"
+    )
+    parser.add_argument(
+        "--lengths",
+        type=_list(int),
+        help="comma list of L for every mechanism (default: 256..4096 dense, ..16384 others)",
+    )
+    parser.add_argument(
+        "--modes",
+        type=_list(str, MODES),
+        default=list(MODES),
+        help="comma list of fwd (forward) and fwdbwd (forward+backward); default: both",
+    )
+    parser.add_argument(
+        "--refs",
+        type=_list(str, REFERENCES),
+        default=list(REFERENCES),
+        help="fused references to time beside each layer: same (the mechanism's own mask, "
+        "bias or RoPE), dense (no mask); an empty string for none",
+    )
+    parser.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="layer",
+        help="layer: the whole layer from x (default); core: attention alone on q, k, v",
+    )
+    parser.add_argument("--causal", action="store_true", help="sweep with is_causal=True")
+    parser.add_argument("--d-model", type=int, default=None, help="default 512 (quick: 64)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 5)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of timed calls per measurement before stopping early (default 10)",
+    )
+    parser.add_argument(
+        "--max-gb",
+        type=float,
+        default=4.0,
+        help="skip cells estimated to need more LxL memory than this",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    targets = parser.add_mutually_exclusive_group()
+    targets.add_argument("--no-targets", action="store_true", help="only the sweep")
+    targets.add_argument("--targets-only", action="store_true", help="only the targets")
+    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    parser.add_argument("--plot", type=Path, help="write PNG plots to this folder")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    args.d_model = args.d_model or (64 if args.quick else 512)
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.budget = args.budget if args.budget is not None else (1.0 if args.quick else 10.0)
+    return args
+
+
+class _Selection:
+    """Answers for cells outside ``--mechanism``/``--framework`` with ``"unselected"``.
+
+    The matmul (the machine's rate) belongs to no mechanism and always runs.
+    """
+
+    def __init__(self, inner, mechanisms: set[str], frameworks: set[str]) -> None:
+        self.inner = inner
+        self.mechanisms = mechanisms
+        self.frameworks = frameworks
+
+    def _chosen(self, cell: Cell) -> bool:
+        mechanism = cell.subject == "matmul" or cell.case in self.mechanisms
+        return mechanism and cell.framework in self.frameworks
+
+    def measure_group(self, cells: list[Cell]) -> list[Measurement]:
+        chosen = [cell for cell in cells if self._chosen(cell)]
+        answers = iter(self.inner.measure_group(chosen) if chosen else [])
+        return [
+            next(answers) if self._chosen(cell) else Measurement(cell, "unselected")
+            for cell in cells
+        ]
+
+
+def _report(bench, args) -> tuple[dict[str, float | None], list[dict], list]:
+    """The matmul rates, the sweep rows and the target checks, asking ``bench`` for them."""
+    sizes = replace(QUICK_SIZES if args.quick else FULL_SIZES, d_model=args.d_model)
+    matmuls = bench.measure_group(
+        [Cell("multi_head", fw, "matmul", "core", sizes.matmul, "fwd") for fw in args.framework]
+    )
+    rates = {m.cell.framework: m.gflops for m in matmuls}
+    rows, found = [], []
+    if not args.targets_only:
+
+        def lengths(case):
+            return args.lengths or (QUICK_LENGTHS if args.quick else case.lengths)
+
+        rows = sweep(
+            bench,
+            [by_name(name) for name in args.mechanism],
+            args.framework,
+            lengths,
+            args.modes,
+            args.refs,
+            scope=args.scope,
+            is_causal=args.causal,
+            d_model=args.d_model,
+            batch=args.batch,
+        )
+    if not args.no_targets:
+        found = checks(bench, sizes)
+    return rates, rows, found
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.1f} {five:.1f} {fifteen:.1f}"
+
+
+def _header(machine: dict, rates: dict, args: argparse.Namespace) -> str:
+    matmul = ", ".join(f"{fw} {rate:.1f} GFLOP/s" for fw, rate in rates.items() if rate)
+    scope = "whole layer from x" if args.scope == "layer" else "attention core on q, k, v"
+    return (
+        f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), jax {machine['jax']}; fp32 matmul "
+        f"{machine['matmul_size']}x{machine['matmul_size']}: {matmul}; load average "
+        f"(1/5/15 min) {machine['load_before']} before, {machine['load_after']} after\n"
+        f"B={args.batch}, d_model={args.d_model}, fp32, {scope}, "
+        f"{'causal' if args.causal else 'non-causal'}; median of up to {args.repeats} calls "
+        f"after a warm-up; xsame / xdense = fused reference time / library time"
+    )
+
+
+def run(args: argparse.Namespace, out=sys.stdout) -> dict:
+    """Plan, measure (with a progress bar), print; return the JSON payload."""
+    started = time.perf_counter()
+    load_before = _load()
+    args.mechanism = args.mechanism or [case.name for case in CASES]
+    args.framework = args.framework or ["torch", "jax"]
+    selected = (set(args.mechanism), set(args.framework))
+
+    planner = Planner()
+    _report(_Selection(planner, *selected), args)
+    bench = Bench(args.repeats, args.budget, int(args.max_gb * 2**30))
+    with tqdm(total=planner.count, disable=args.no_progress, unit="cell", file=sys.stderr) as bar:
+        for group in planner.groups:
+            bar.set_postfix_str(group[0].describe())
+            bench.measure_group(group)
+            bar.update(len(group))
+    rates, rows, found = _report(_Selection(bench, *selected), args)
+    machine = {
+        **machine_description(),
+        "matmul_gflops": rates,
+        "matmul_size": (QUICK_SIZES if args.quick else FULL_SIZES).matmul,
+        "load_before": load_before,
+        "load_after": _load(),
+    }
+
+    print(_header(machine, rates, args), file=out)
+    if rows:
+        print(format_rows(rows, args.modes, args.refs), file=out)
+    if found:
+        title = "targets" + (" (quick sizes: not the issue's sizes)" if args.quick else "")
+        print(f"\n{title}\n{format_checks(found)}", file=out)
+    problems = [m for m in bench.measurements() if m.status == "error"]
+    for measurement in problems:
+        print(f"error: {measurement.cell.describe()}: {measurement.note}", file=out)
+    elapsed = time.perf_counter() - started
+    print(f"\nfinished in {elapsed:.0f} s ({planner.count} measurements)", file=out)
+
+    payload = {
+        "command": "python -m parity.bench " + " ".join(args.argv),
+        "machine": machine,
+        "config": {key: value for key, value in vars(args).items() if key != "argv"},
+        "measurements": [m.as_dict() for m in bench.measurements()],
+        "rows": rows,
+        "targets": [check.as_dict() for check in found],
+        "elapsed_s": elapsed,
+    }
+    if args.plot and rows:
+        written = plot(rows, args.framework, args.modes, args.refs, args.plot)
+        print("plots: " + ", ".join(str(path) for path in written), file=out)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=1, default=str))
+        print(f"json: {args.json}", file=out)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.argv = argv
+    run(args)
+    return 0

@@ -1,0 +1,203 @@
+"""JAX workloads: the Flax layer, and ``jax.nn.dot_product_attention`` by hand, jitted.
+
+Each builder compiles ahead of time (``jax.jit(f).lower(...).compile()``), so the compile
+time is measured on its own and the timed calls run the compiled executable; the
+executable's ``memory_analysis()`` gives the bytes it allocates (temporaries + outputs).
+Forward+backward is ``jax.grad`` of ``<out, cotangent>`` into the inputs and every
+parameter. The references reuse the layer's own parameters, and masks or biases are
+arguments (not constants folded into the program).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import attentions_jax
+
+from .cases import BenchCase, alibi_slopes
+from .plan import Cell, Workload, reference_pattern
+
+__all__ = ["available", "build", "reference_mask"]
+
+_F32 = jnp.float32
+
+
+def available(case: BenchCase) -> bool:
+    return hasattr(attentions_jax, case.class_name)
+
+
+def reference_mask(
+    case: BenchCase, pattern: str, length: int, is_causal: bool
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(mask, bias)`` for ``jax.nn.dot_product_attention``; causality is its own flag."""
+    if pattern == "alibi":
+        positions = np.arange(length, dtype=np.float32)
+        distance = np.abs(positions[:, None] - positions[None, :])
+        slopes = alibi_slopes(case.head_counts()[0]).astype(np.float32)
+        return None, jnp.asarray(-slopes[None, :, None, None] * distance)
+    builders = {
+        "local": attentions_jax.local_mask,
+        "dilated": attentions_jax.dilated_mask,
+        "block": attentions_jax.block_mask,
+    }
+    if pattern in builders:
+        return builders[pattern](length, case.size)[None, None], None
+    return None, None
+
+
+def _fused(case: BenchCase, cell: Cell, pattern: str) -> Callable:
+    """``(q, k, v, mask, bias) -> out`` in ``(B, L, H, D)`` layout, the kernel's own."""
+    heads = case.head_counts()[0]
+    scale = 1.0 / math.sqrt(cell.d_model // heads)
+
+    def attention(q, k, v, mask, bias):
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, scale=scale, is_causal=cell.is_causal
+        )
+
+    return attention
+
+
+def _by_hand(case: BenchCase, cell: Cell, layer, pattern: str) -> Callable:
+    """Projections, (RoPE), the fused kernel and the output projection, written out."""
+    heads, kv_heads = case.head_counts()
+    batch, length, width = cell.batch, cell.length, cell.d_model
+    d_head = width // heads
+    attention = _fused(case, cell, pattern)
+
+    def project(params, x, name: str, count: int) -> jax.Array:
+        out = x @ params[name]["kernel"]
+        if "bias" in params[name]:
+            out = out + params[name]["bias"]
+        return out.reshape(batch, length, count, d_head)
+
+    def rotate(x: jax.Array) -> jax.Array:
+        # apply_rope takes (B, H, L, D); the kernel takes (B, L, H, D)
+        heads_first = x.transpose(0, 2, 1, 3)
+        rotated = attentions_jax.apply_rope(
+            heads_first, base=layer.rope_base, interleaved=layer.rope_interleaved
+        )
+        return rotated.transpose(0, 2, 1, 3)
+
+    def forward(params, x, mask, bias):
+        q = project(params, x, "w_q", heads)
+        k = project(params, x, "w_k", kv_heads)
+        v = project(params, x, "w_v", kv_heads)
+        if pattern == "rope":
+            q, k = rotate(q), rotate(k)
+        out = attention(q, k, v, mask, bias).reshape(batch, length, width)
+        out = out @ params["w_o"]["kernel"]
+        return out + params["w_o"]["bias"] if "bias" in params["w_o"] else out
+
+    return forward
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.normal(key, shape, _F32)
+
+
+def _init(case: BenchCase, cell: Cell):
+    """The Flax layer and its variables (initialized on a short input: same parameters)."""
+    layer = getattr(attentions_jax, case.class_name)(**case.constructor_kwargs(cell.d_model))
+    sample = jnp.zeros((1, min(cell.length, 16), cell.d_model), _F32)
+    return layer, layer.init(jax.random.key(0), sample)
+
+
+def _layer_program(case: BenchCase, cell: Cell, pattern: str | None):
+    """The whole layer from ``x``, or the same done by hand around the fused kernel."""
+    layer, variables = _init(case, cell)
+    x = _normal(jax.random.key(1), (cell.batch, cell.length, cell.d_model))
+    if pattern is not None:
+        mask = reference_mask(case, pattern, cell.length, cell.is_causal)
+        return _by_hand(case, cell, layer, pattern), (variables["params"], x), mask
+    need_weights = cell.subject == "weights"
+
+    def apply_layer(params, x):
+        out = layer.apply(
+            {**variables, "params": params},
+            x,
+            is_causal=cell.is_causal,
+            need_weights=need_weights,
+        )
+        return out if need_weights else out[0]
+
+    return apply_layer, (variables["params"], x), ()
+
+
+def _core_program(case: BenchCase, cell: Cell, pattern: str | None):
+    """``layer.attend`` on ``(B, H, L, D)`` q, k, v, or the fused kernel on ``(B, L, H, D)``.
+
+    The kernel needs no layer, so a reference runs before the mechanism exists.
+    """
+    heads, kv_heads = case.head_counts()
+    d_head = cell.d_model // heads
+    keys = jax.random.split(jax.random.key(1), 3)
+    if pattern is not None:
+        shapes = [(cell.batch, cell.length, count, d_head) for count in (heads, kv_heads, kv_heads)]
+        qkv = tuple(_normal(key, shape) for key, shape in zip(keys, shapes, strict=True))
+        mask = reference_mask(case, pattern, cell.length, cell.is_causal)
+        return _fused(case, cell, pattern), qkv, mask
+    layer, variables = _init(case, cell)
+    shapes = [(cell.batch, count, cell.length, d_head) for count in (heads, kv_heads, kv_heads)]
+    qkv = tuple(_normal(key, shape) for key, shape in zip(keys, shapes, strict=True))
+
+    def attend(q, k, v):
+        return layer.apply(
+            variables,
+            q,
+            k,
+            v,
+            None,
+            is_causal=cell.is_causal,
+            need_weights=False,
+            deterministic=True,
+            method="attend",
+        )[0]
+
+    return attend, qkv, ()
+
+
+def _program(case: BenchCase, cell: Cell) -> tuple[Callable, tuple, tuple]:
+    """``(f, differentiable inputs, constant inputs)`` with ``f(*diff, *const) -> out``."""
+    if cell.subject == "matmul":
+        keys = jax.random.split(jax.random.key(1))
+        return jnp.matmul, tuple(_normal(key, (cell.length, cell.length)) for key in keys), ()
+    pattern = None
+    if cell.subject not in ("layer", "weights"):
+        pattern = reference_pattern(case, cell.subject, cell.scope)
+    if cell.scope == "layer":
+        return _layer_program(case, cell, pattern)
+    return _core_program(case, cell, pattern)
+
+
+def build(case: BenchCase, cell: Cell) -> Workload:
+    """Compile the cell's program ahead of time and return its timed call."""
+    function, diff, const = _program(case, cell)
+    if cell.mode == "fwdbwd":
+        out_shape = jax.eval_shape(function, *diff, *const).shape
+        cotangent = _normal(jax.random.key(1), out_shape)
+
+        def loss(diff, const, cotangent):
+            return jnp.vdot(function(*diff, *const), cotangent)
+
+        program, args = jax.grad(loss), (diff, const, cotangent)
+    else:
+        program, args = function, (*diff, *const)
+    start = time.perf_counter()
+    compiled = jax.jit(program).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    analysis = compiled.memory_analysis()
+    xla_bytes = None
+    if analysis is not None:
+        xla_bytes = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
+
+    def run() -> object:
+        return jax.block_until_ready(compiled(*args))
+
+    return Workload(run, (*diff, *const), compile_s=compile_s, xla_bytes=xla_bytes)

@@ -1,0 +1,166 @@
+"""What one measurement is (a ``Cell``), what it is worth in FLOPs and in memory.
+
+Subjects:
+
+* ``"layer"``: the library layer's fast path (``need_weights=False``).
+* ``"weights"``: the library layer with ``need_weights=True`` (forward only).
+* ``"same"``: the framework's fused kernel computing the same function:
+  ``F.scaled_dot_product_attention`` or ``jax.nn.dot_product_attention`` with the
+  mechanism's keep pattern as a boolean mask, ALiBi as a float bias, RoPE on q and k.
+* ``"dense"``: the same fused kernel with no mask: plain dense attention.
+* ``"matmul"``: an ``L×L`` by ``L×L`` float32 matmul, this machine's reference rate.
+
+Scopes: ``"layer"`` times the whole layer from ``x`` (the references do the same
+projections by hand with the layer's weights, so projection cost is on both sides);
+``"core"`` times attention alone on given q, k, v (``layer.attend`` against the bare
+kernel; each side receives q, k, v in the layout it takes, so no side pays a transpose).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from .cases import BenchCase, visible_pairs
+
+__all__ = [
+    "MODES",
+    "SCOPES",
+    "SUBJECTS",
+    "Cell",
+    "Workload",
+    "estimated_bytes",
+    "reference_pattern",
+    "useful_flops",
+]
+
+SUBJECTS = ("layer", "weights", "same", "dense", "matmul")
+SCOPES = ("layer", "core")
+MODES = ("fwd", "fwdbwd")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One timed thing: a subject, for a mechanism, in a framework, at one size.
+
+    Cells with different ``tag`` are different measurements even when they compute the
+    same thing: each target check tags its cells, so they are timed in turns with each
+    other rather than read from the sweep or another check, measured at another moment.
+    """
+
+    case: str
+    framework: str
+    subject: str
+    scope: str
+    length: int
+    mode: str
+    is_causal: bool = False
+    d_model: int = 512
+    batch: int = 1
+    tag: str = ""
+
+    def key(self, case: BenchCase) -> tuple:
+        """Identity of the computation: a reference shared by mechanisms is measured once."""
+        sizes = (self.scope, self.length, self.mode, self.is_causal, self.d_model, self.batch)
+        if self.subject == "matmul":
+            return (self.tag, self.framework, "matmul", self.length)
+        if self.subject in ("layer", "weights"):
+            return (self.tag, self.framework, self.subject, case.name, *sizes)
+        pattern = reference_pattern(case, self.subject, self.scope)
+        size = case.size if pattern in ("local", "dilated", "block") else 0
+        return (self.tag, self.framework, "reference", pattern, size, case.head_counts(), *sizes)
+
+    def describe(self) -> str:
+        causal = " causal" if self.is_causal else ""
+        tag = f" [{self.tag}]" if self.tag else ""
+        return (
+            f"{self.case} {self.framework} {self.subject}/{self.scope} L={self.length} "
+            f"{self.mode}{causal}{tag}"
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Workload:
+    """One call to time, and the arrays it reads (``inputs``: x, or q, k, v, then any mask
+    or bias); ``compile_s`` and ``xla_bytes`` are set by the JAX builders only."""
+
+    run: Callable[[], object]
+    inputs: tuple = ()
+    compile_s: float | None = None
+    xla_bytes: int | None = None
+
+
+def reference_pattern(case: BenchCase, subject: str, scope: str) -> str | None:
+    """The pattern a reference subject computes; ``None`` where no fused kernel can."""
+    if subject == "dense":
+        return "dense"
+    if case.pattern == "linear":
+        return None
+    if case.pattern == "rope" and scope == "core":
+        return "dense"  # the core receives q and k already rotated
+    return case.pattern
+
+
+def _shape(case: BenchCase, cell: Cell) -> tuple[int, int, int, int]:
+    heads, kv_heads = case.head_counts()
+    return heads, kv_heads, cell.d_model // heads, cell.batch
+
+
+def useful_flops(case: BenchCase, cell: Cell) -> float | None:
+    """FLOPs of the function the cell computes, counting only the q·k pairs it lets through.
+
+    Softmax attention: ``4·B·H·D`` per visible pair (``q·k`` and ``p·v``); linear
+    attention: ``4·B·H·L·D²`` (``phi(K)ᵀV`` and ``phi(Q)·(…)``). Layer scope adds the four
+    projections, ``2·B·L·E·(H·D + 2·K·D) + 2·B·L·E²``. A backward pass costs twice the
+    forward (gradients for both operands of every product): ``fwdbwd = 3 × fwd``.
+    """
+    if cell.subject == "matmul":
+        return 2.0 * cell.length**3
+    heads, kv_heads, d_head, batch = _shape(case, cell)
+    length, width = cell.length, cell.d_model
+    pattern = case.pattern if cell.subject in ("layer", "weights") else None
+    pattern = pattern or reference_pattern(case, cell.subject, cell.scope)
+    if pattern is None:
+        return None
+    if pattern == "linear":
+        core = 4 * batch * heads * length * d_head * d_head
+    else:
+        pairs = visible_pairs(pattern, case.size, length, cell.is_causal)
+        core = 4 * batch * heads * d_head * pairs
+    projections = 0
+    if cell.scope == "layer":
+        projections = 2 * batch * length * width * (heads * d_head + 2 * kv_heads * d_head)
+        projections += 2 * batch * length * width * width
+    total = float(core + projections)
+    return 3.0 * total if cell.mode == "fwdbwd" else total
+
+
+def estimated_bytes(case: BenchCase, cell: Cell) -> int:
+    """A rough estimate of the ``L×L`` memory a cell needs (0 for the O(L) paths).
+
+    Used only to skip what would not fit: the weights path and the XLA reference hold a
+    few ``(B, H, L, L)`` float32 arrays (twice as many with a backward pass); PyTorch's
+    fused CPU kernel holds none, but its mask or ALiBi bias is ``L×L``; the JAX dense fast
+    path saves its ``(B, H, L, L)`` scores for the backward pass.
+    """
+    if cell.subject == "matmul":
+        return 0
+    heads, _, _, batch = _shape(case, cell)
+    scores = 4 * batch * heads * cell.length * cell.length
+    backward = 2 if cell.mode == "fwdbwd" else 1
+    if cell.subject == "weights":
+        return 3 * scores
+    if cell.subject == "layer":
+        dense_jax = cell.framework == "jax" and case.pattern in ("dense", "alibi", "rope")
+        return 2 * scores if dense_jax and cell.mode == "fwdbwd" else 0
+    pattern = reference_pattern(case, cell.subject, cell.scope)
+    if cell.framework == "jax":
+        return 3 * scores * backward
+    if pattern == "alibi":
+        return 2 * scores
+    if pattern in ("local", "dilated", "block"):
+        return 5 * cell.length * cell.length
+    return 0

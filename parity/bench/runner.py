@@ -1,0 +1,194 @@
+"""Run cells once each, remember the results; or only record which cells are wanted.
+
+The sweep and the targets ask for measurements through ``measure(cell)``. A ``Planner``
+answers every request with a placeholder and keeps the list, so the whole run is known
+(and its progress bar sized) before anything is timed; a ``Bench`` then measures each
+distinct computation once, so a reference shared by several mechanisms, or a cell that
+the sweep and a target both need, costs one measurement. Cells asked for together (a
+layer and its references) are timed in turns, under the same machine load.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from . import jax_runs, torch_runs
+from .cases import BenchCase, by_name
+from .measure import time_interleaved
+from .plan import Cell, estimated_bytes, reference_pattern, useful_flops
+
+__all__ = ["Bench", "Measurement", "Planner"]
+
+_RUNS = {"torch": torch_runs, "jax": jax_runs}
+
+
+@dataclass
+class Measurement:
+    """The outcome of one cell.
+
+    ``status``: ``"ok"``; ``"missing"`` (the class is not in that package yet); ``"n/a"``
+    (no fused kernel computes this mechanism); ``"skipped"`` (over the memory budget);
+    ``"error"``; ``"planned"`` (a ``Planner`` placeholder); ``"unselected"`` (left out by
+    ``--mechanism``/``--framework``).
+    """
+
+    cell: Cell
+    status: str
+    note: str = ""
+    times_s: list[float] = field(default_factory=list)
+    warmup_s: float | None = None
+    compile_s: float | None = None
+    peak_bytes: int | None = None
+    memory_method: str | None = None
+    flops: float | None = None
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.times_s) if self.times_s else None
+
+    @property
+    def gflops(self) -> float | None:
+        """Useful GFLOP/s: the cell's useful FLOPs over its median time."""
+        if self.flops is None or self.median_s is None:
+            return None
+        return self.flops / self.median_s / 1e9
+
+    def as_dict(self) -> dict:
+        return {
+            **self.cell.as_dict(),
+            "status": self.status,
+            "note": self.note,
+            "median_s": self.median_s,
+            "times_s": self.times_s,
+            "warmup_s": self.warmup_s,
+            "compile_s": self.compile_s,
+            "peak_bytes": self.peak_bytes,
+            "memory_method": self.memory_method,
+            "useful_flops": self.flops,
+            "useful_gflops": self.gflops,
+        }
+
+
+def _unavailable(case: BenchCase, cell: Cell) -> Measurement | None:
+    """A measurement that cannot run, with the reason; ``None`` if it can."""
+    if cell.subject == "matmul":
+        return None
+    if not _RUNS[cell.framework].available(case):
+        return Measurement(
+            cell, "missing", f"{case.class_name} not in attentions_{cell.framework} yet"
+        )
+    if (
+        cell.subject in ("same", "dense")
+        and reference_pattern(case, cell.subject, cell.scope) is None
+    ):
+        return Measurement(cell, "n/a", f"no fused kernel computes {case.name}")
+    return None
+
+
+class Planner:
+    """Collects the distinct cells asked for, in groups, answering with placeholders."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[Cell]] = []
+        self._seen: set[tuple] = set()
+
+    def measure(self, cell: Cell) -> Measurement:
+        return self.measure_group([cell])[0]
+
+    def measure_group(self, cells: list[Cell]) -> list[Measurement]:
+        group, answers = [], []
+        for cell in cells:
+            case = by_name(cell.case)
+            unavailable = _unavailable(case, cell)
+            answers.append(unavailable or Measurement(cell, "planned"))
+            if unavailable is None and cell.key(case) not in self._seen:
+                self._seen.add(cell.key(case))
+                group.append(cell)
+        if group:
+            self.groups.append(group)
+        return answers
+
+    @property
+    def count(self) -> int:
+        return sum(len(group) for group in self.groups)
+
+
+class Bench:
+    """Measures cells, each distinct computation once; a group's cells take turns.
+
+    ``repeats`` timed calls at most, stopping once ``budget_s`` seconds of timed calls
+    have passed; cells estimated to need more than ``max_bytes`` of ``LxL`` memory are
+    skipped.
+    """
+
+    def __init__(self, repeats: int, budget_s: float, max_bytes: int) -> None:
+        self.repeats = repeats
+        self.budget_s = budget_s
+        self.max_bytes = max_bytes
+        self.results: dict[tuple, Measurement] = {}
+
+    def measure(self, cell: Cell) -> Measurement:
+        return self.measure_group([cell])[0]
+
+    def measure_group(self, cells: list[Cell]) -> list[Measurement]:
+        """Measure the cells not measured yet together (interleaved), then answer all."""
+        fresh: dict[tuple, tuple[BenchCase, Cell]] = {}
+        for cell in cells:
+            case = by_name(cell.case)
+            key = cell.key(case)
+            if _unavailable(case, cell) is None and key not in self.results:
+                fresh.setdefault(key, (case, cell))
+        self._run(fresh)
+        answers = []
+        for cell in cells:
+            case = by_name(cell.case)
+            answers.append(_unavailable(case, cell) or self.results[cell.key(case)])
+        return answers
+
+    def _run(self, fresh: dict[tuple, tuple[BenchCase, Cell]]) -> None:
+        ready = []
+        for key, (case, cell) in fresh.items():
+            needed = estimated_bytes(case, cell)
+            if needed > self.max_bytes:
+                self.results[key] = Measurement(
+                    cell,
+                    "skipped",
+                    f"needs ~{needed / 2**30:.1f} GiB of LxL memory, over --max-gb "
+                    f"{self.max_bytes / 2**30:g}",
+                )
+                continue
+            try:
+                ready.append((key, case, cell, _RUNS[cell.framework].build(case, cell)))
+            except Exception as error:  # a mechanism still in the making must not stop the run
+                self.results[key] = _failed(cell, error)
+        if not ready:
+            return
+        outcomes = time_interleaved(
+            [workload.run for *_, workload in ready],
+            self.repeats,
+            self.budget_s,
+            meter_rss=[cell.framework == "torch" for _, _, cell, _ in ready],
+        )
+        for (key, case, cell, workload), timing in zip(ready, outcomes, strict=True):
+            if isinstance(timing, Exception):
+                self.results[key] = _failed(cell, timing)
+                continue
+            on_torch = cell.framework == "torch"
+            self.results[key] = Measurement(
+                cell,
+                "ok",
+                times_s=timing.times_s,
+                warmup_s=timing.warmup_s,
+                compile_s=workload.compile_s,
+                peak_bytes=timing.peak_bytes if on_torch else workload.xla_bytes,
+                memory_method="rss" if on_torch else "xla",
+                flops=useful_flops(case, cell),
+            )
+
+    def measurements(self) -> list[Measurement]:
+        return list(self.results.values())
+
+
+def _failed(cell: Cell, error: Exception) -> Measurement:
+    return Measurement(cell, "error", f"{type(error).__name__}: {error}")

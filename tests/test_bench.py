@@ -1,0 +1,259 @@
+"""``python -m parity.bench``: its counts, its references, its meters, and tiny full runs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import attentions_torch
+from parity.bench import (
+    CASES,
+    Cell,
+    cases,
+    jax_runs,
+    parse_args,
+    run,
+    torch_runs,
+    useful_flops,
+    visible_pairs,
+)
+from parity.bench.cases import BenchCase, alibi_slopes, by_name
+from parity.bench.measure import peak_rss_growth, time_interleaved
+from parity.bench.plan import reference_pattern
+from parity.bench.report import format_checks
+from parity.bench.runner import Bench, Planner
+from parity.bench.targets import Check
+from tests.reference import softmax_attention
+
+MASK_BUILDERS = {
+    "local": attentions_torch.local_mask,
+    "dilated": attentions_torch.dilated_mask,
+    "block": attentions_torch.block_mask,
+}
+
+
+@pytest.mark.parametrize("pattern", ["dense", "local", "dilated", "block"])
+@pytest.mark.parametrize("size", [1, 3, 4, 64])
+@pytest.mark.parametrize("length", [1, 13, 100])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_visible_pairs_counts_the_mask(pattern, size, length, is_causal):
+    mask = torch.ones(length, length, dtype=torch.bool)
+    if pattern != "dense":
+        mask = MASK_BUILDERS[pattern](length, size)
+    if is_causal:
+        mask = mask & attentions_torch.causal_mask(length)
+    assert visible_pairs(pattern, size, length, is_causal) == int(mask.sum())
+
+
+def test_alibi_slopes_follow_the_paper():
+    assert np.allclose(alibi_slopes(8), 2.0 ** -np.arange(1, 9))
+    assert np.allclose(alibi_slopes(1), [2.0**-8])
+    # 6 heads: the 4 slopes of 4 heads, then every other slope of 8 heads
+    assert np.allclose(alibi_slopes(6), 2.0 ** -np.array([2, 4, 6, 8, 1, 3]))
+
+
+def test_useful_flops_of_a_dense_layer():
+    case = by_name("multi_head")  # H = 8, D = 64
+    cell = Cell("multi_head", "torch", "layer", "layer", 1024, "fwd")
+    projections = 4 * 2 * 1024 * 512 * 512
+    attention = 4 * 8 * 64 * 1024 * 1024
+    assert useful_flops(case, cell) == projections + attention
+    backward = Cell("multi_head", "torch", "layer", "core", 1024, "fwdbwd")
+    assert useful_flops(case, backward) == 3 * attention
+
+
+def _runnable(framework):
+    runs = torch_runs if framework == "torch" else jax_runs
+    return [case for case in CASES if case.softmax and runs.available(case)]
+
+
+def _output(workload):
+    out = workload.run()
+    return np.asarray(out[0] if isinstance(out, tuple) else out, dtype=np.float64)
+
+
+# JAX compiles ~1 s per program: one case per hand-written path (plain, GQA, RoPE, bias)
+JAX_BY_HAND = ("multi_head", "grouped", "rotary", "alibi")
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_references_compute_the_same_function_as_the_layers(framework):
+    """The ratios compare like with like: each "same" reference reproduces the layer."""
+    runs = torch_runs if framework == "torch" else jax_runs
+    for case in _runnable(framework):
+        if framework == "jax" and case.name not in JAX_BY_HAND:
+            continue
+        for is_causal in (
+            (False, True) if framework == "torch" or case.name == "alibi" else (False,)
+        ):
+            cell = Cell(case.name, framework, "layer", "layer", 70, "fwd", is_causal, d_model=32)
+            ours = _output(runs.build(case, cell))
+            same = _output(runs.build(case, Cell(**{**cell.as_dict(), "subject": "same"})))
+            assert np.abs(ours - same).max() <= 1e-4 * max(1.0, np.abs(ours).max()), case.name
+
+
+def test_torch_core_reference_matches_attend():
+    for case in _runnable("torch"):
+        cell = Cell(case.name, "torch", "layer", "core", 70, "fwd", d_model=32)
+        ours = _output(torch_runs.build(case, cell))
+        same = _output(torch_runs.build(case, Cell(**{**cell.as_dict(), "subject": "same"})))
+        assert np.abs(ours - same).max() <= 1e-4 * max(1.0, np.abs(ours).max()), case.name
+
+
+def _numpy_reference(case, q, k, v, is_causal):
+    """Float64 attention of the case's pattern on ``(B, H, L, D)`` q and ``(B, K, L, D)`` k, v."""
+    length = q.shape[2]
+    offsets = np.arange(length)[:, None] - np.arange(length)[None, :]
+    keep = {
+        "local": np.abs(offsets) <= case.size // 2,
+        "dilated": offsets % max(case.size, 1) == 0,
+        "block": (np.arange(length)[:, None] // max(case.size, 1))
+        == (np.arange(length)[None, :] // max(case.size, 1)),
+    }.get(case.pattern, np.ones((length, length), bool))
+    if is_causal:
+        keep = keep & (offsets >= 0)
+    bias = None
+    if case.pattern == "alibi":
+        bias = -alibi_slopes(q.shape[1])[:, None, None] * np.abs(offsets)
+    return softmax_attention(q, k, v, keep, bias)[0]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_fused_references_match_numpy_for_every_pattern(framework, is_causal):
+    """The "same" kernels get each pattern's mask or bias right (no layer class needed)."""
+    runs = torch_runs if framework == "torch" else jax_runs
+    for case in CASES:
+        if not case.softmax or case.pattern == "rope":
+            continue
+        workload = runs.build(
+            case, Cell(case.name, framework, "same", "core", 70, "fwd", is_causal, d_model=32)
+        )
+        q, k, v = (np.asarray(a, np.float64) for a in workload.inputs[:3])
+        out = _output(workload)
+        if framework == "jax":  # the kernel's own (B, L, H, D) layout
+            q, k, v, out = (a.transpose(0, 2, 1, 3) for a in (q, k, v, out))
+        expected = _numpy_reference(case, q, k, v, is_causal)
+        assert np.abs(out - expected).max() <= 1e-4, case.name
+
+
+def test_linear_has_no_fused_reference():
+    assert reference_pattern(by_name("linear"), "same", "layer") is None
+    assert reference_pattern(by_name("linear"), "dense", "layer") == "dense"
+    assert reference_pattern(by_name("rotary"), "same", "core") == "dense"
+
+
+def test_time_interleaved_takes_turns_and_excludes_the_warmup():
+    calls = []
+
+    def make(name):
+        return lambda: calls.append(name)
+
+    def broken():
+        raise RuntimeError("not ready")
+
+    timings = time_interleaved([make("a"), make("b"), broken], repeats=3, budget_s=60.0)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-ups first, then turns
+    assert [len(t.times_s) for t in timings[:2]] == [3, 3]
+    assert isinstance(timings[2], RuntimeError)
+    slow = time_interleaved([lambda: time.sleep(0.02)], repeats=50, budget_s=0.0)[0]
+    assert len(slow.times_s) == 1  # the budget is spent after one timed call
+    assert slow.times_s[0] >= 0.02
+
+
+def test_peak_rss_growth_sees_an_allocation():
+    size = 64 * 2**20
+    grown, elapsed = peak_rss_growth(lambda: np.ones(size, dtype=np.uint8))
+    if grown is None:
+        pytest.skip("no resettable resident high-water mark on this system")
+    assert size * 0.9 <= grown <= size * 1.5
+    assert elapsed > 0.0
+
+
+def _find(measurements, **fields):
+    found = [m for m in measurements if all(m[k] == v for k, v in fields.items())]
+    assert len(found) == 1, fields
+    return found[0]
+
+
+def _quick_run(tmp_path, *extra: str) -> tuple[dict, str]:
+    argv = ["--quick", "--mechanism", "multi_head", "--repeats", "1", "--budget", "0"]
+    argv += ["--no-progress", "--json", str(tmp_path / "bench.json"), *extra]
+    args = parse_args(argv)
+    args.argv = argv
+    with open(tmp_path / "out.txt", "w") as out:
+        run(args, out=out)
+    return json.loads((tmp_path / "bench.json").read_text()), (tmp_path / "out.txt").read_text()
+
+
+def test_quick_torch_run_writes_json_plots_and_target_ratios(tmp_path):
+    payload, printed = _quick_run(
+        tmp_path, "--framework", "torch", "--lengths", "32,64", "--plot", str(tmp_path)
+    )
+    assert {"command", "machine", "config", "measurements", "rows", "targets"} <= set(payload)
+    assert set(payload["machine"]["matmul_gflops"]) == {"torch"}
+    assert payload["machine"]["matmul_gflops"]["torch"] > 0
+    assert (tmp_path / "bench_multi_head.png").stat().st_size > 0
+    assert (tmp_path / "bench_overview.png").stat().st_size > 0
+    assert "targets (quick sizes" in printed
+
+    measurements = payload["measurements"]
+    assert [(row["framework"], row["length"]) for row in payload["rows"]] == [
+        ("torch", 32),
+        ("torch", 64),
+    ]
+    for row in payload["rows"]:
+        for mode in ("fwd", "fwdbwd"):
+            figures = row[mode]
+            ours = _find(
+                measurements, subject="layer", scope="layer", length=row["length"], mode=mode
+            )
+            dense = _find(measurements, subject="same", length=row["length"], mode=mode)
+            assert ours["status"] == dense["status"] == "ok"
+            assert figures["ms"] == pytest.approx(ours["median_s"] * 1e3)
+            assert figures["x_dense"] == pytest.approx(dense["median_s"] / ours["median_s"])
+            assert figures["x_same"] == figures["x_dense"]  # multi_head's own reference is dense
+            flops = ours["useful_flops"] / ours["median_s"] / 1e9
+            assert figures["gflops"] == pytest.approx(flops)
+            assert figures["peak_mib"] > 0
+
+    overhead = {c["label"]: c for c in payload["targets"]}["multi_head fwd L=128"]
+    layer = _find(measurements, subject="layer", scope="layer", length=128, mode="fwd")
+    hand = _find(measurements, subject="same", scope="layer", length=128, mode="fwd")
+    assert layer["tag"] == hand["tag"] != ""  # measured together, for this check
+    assert overhead["value"] == pytest.approx(layer["median_s"] / hand["median_s"])
+    assert overhead["status"] == ("met" if overhead["value"] <= 1.15 else "missed")
+    efficiency = {c["label"]: c for c in payload["targets"]}["multi_head layer fwd L=256"]
+    header = _find(measurements, subject="matmul", tag="")
+    assert header["useful_gflops"] == payload["machine"]["matmul_gflops"]["torch"]
+    measured = _find(measurements, subject="layer", scope="layer", length=256, mode="fwd")
+    matmul = _find(measurements, subject="matmul", tag=measured["tag"])  # timed with the layer
+    assert matmul["useful_gflops"] == pytest.approx(2 * 256**3 / matmul["median_s"] / 1e9)
+    ratio = measured["useful_gflops"] / matmul["useful_gflops"]
+    assert efficiency["value"] == pytest.approx(100 * ratio)
+
+
+def test_quick_jax_run_reports_compile_time_and_xla_memory(tmp_path):
+    payload, _ = _quick_run(tmp_path, "--framework", "jax", "--lengths", "32", "--no-targets")
+    (row,) = payload["rows"]
+    for mode in ("fwd", "fwdbwd"):
+        assert row[mode]["compile_s"] > 0
+        assert row[mode]["memory_method"] == "xla"
+        assert row[mode]["peak_mib"] > 0
+        assert row[mode]["x_dense"] > 0
+
+
+def test_a_class_not_written_yet_is_reported_not_raised(monkeypatch):
+    ghost = BenchCase("ghost", "GhostSelfAttention", {"d_model": 32, "num_heads": 4})
+    monkeypatch.setattr(cases, "CASES", (*CASES, ghost))
+    cell = Cell("ghost", "torch", "layer", "layer", 16, "fwd")
+    measured = Bench(repeats=1, budget_s=0.0, max_bytes=2**30).measure(cell)
+    assert measured.status == "missing"
+    assert measured.note == "GhostSelfAttention not in attentions_torch yet"
+    assert Planner().measure(cell).status == "missing"
+    check = Check("g", "ghost", "torch", None, 1.0, True, "x", "not available yet", measured.note)
+    assert format_checks([check]).endswith(f"not available yet: {measured.note} (1 checks)")
