@@ -50,7 +50,12 @@ class LocalTiling(Tiling):
             # away from the ends every tile has the same band: one (Q, S) mask serves all
             queries, keys = queries[:1], keys[:1]
         rows, cols = queries[:, :, None], keys[:, None, :]
-        keep = (jnp.abs(rows - cols) <= self.half) & (cols >= 0) & (cols < self.length)
+        keep = (
+            (jnp.abs(rows - cols) <= self.half)
+            & (cols >= 0)
+            & (cols < self.length)
+            & (rows < self.length)
+        )
         if is_causal:
             keep = keep & (cols <= rows)
         return keep[None, None]

@@ -60,9 +60,9 @@ class Tiling:
     """Where the tiles lie: ``queries`` ``(N, Q)`` and ``keys`` ``(N, S)`` positions.
 
     ``queries`` holds every position ``0..N·Q-1`` once (those ``>= L`` are padding).
-    ``edges``: how many tiles at the front and at the back hold padding keys; the others
-    have every key in range. Subclasses lay the tiles out (``query_tiles``, ``key_tiles``,
-    ``untile``) and say which pairs of a tile are visible (``keep``).
+    ``edges``: how many tiles at the front and at the back hold padding positions; the
+    others hold only positions in range. Subclasses lay the tiles out (``query_tiles``,
+    ``key_tiles``, ``untile``) and say which pairs of a tile are visible (``keep``).
     """
 
     queries: jax.Array
@@ -86,14 +86,15 @@ class Tiling:
         raise NotImplementedError
 
     def keep(self, tiles: slice, is_causal: bool) -> jax.Array | None:
-        """``(1, 1, n|1, Q|1, S)``: the pattern, causal mask and key validity at ``tiles``.
+        """``(1, 1, n|1, Q|1, S)``: the pattern and causal mask at ``tiles``, with every pair
+        that involves a padding position hidden.
 
         ``None`` when every pair of these tiles is visible (up to ``tile_causal``).
         """
         raise NotImplementedError
 
     def interior(self, tiles: slice) -> bool:
-        """``tiles`` hold no padding key."""
+        """``tiles`` hold no padding position."""
         front, back = self.edges
         return tiles.start >= front and tiles.stop <= self.queries.shape[0] - back
 
@@ -111,8 +112,9 @@ class AlignedTiling(Tiling):
     def keep(self, tiles: slice, is_causal: bool) -> jax.Array | None:
         if self.interior(tiles):
             return None
-        keys = self.keys[tiles]
-        return ((keys >= 0) & (keys < self.length))[None, None, :, None, :]
+        # keys are the queries, all >= 0: padding is what lies past the end
+        queries, keys = self.queries[tiles], self.keys[tiles]
+        return ((queries[:, :, None] < self.length) & (keys[:, None, :] < self.length))[None, None]
 
 
 def _steps(tiling: Tiling) -> Iterator[slice]:
@@ -154,17 +156,16 @@ def _fold(keep: jax.Array, batch: int, heads: int) -> jax.Array:
 def _scatter(tile_weights: jax.Array, tiling: Tiling) -> jax.Array:
     """The tiles' weights ``(B, H, N, Q, S)`` placed in a dense ``(B, H, L, L)``.
 
-    Each visible pair lies in exactly one tile, so adding into zeros places it; padding
-    entries are zeroed and sent to index 0, where adding 0 changes nothing.
+    Each visible pair lies in exactly one tile, so adding into zeros places it. Pairs with
+    a padding position weigh exactly 0 (``keep`` hides them), so sending them to any index
+    in range, as clamping does, adds nothing.
     """
     batch, heads = tile_weights.shape[:2]
     length = tiling.length
-    rows, cols = tiling.queries[:, :, None], tiling.keys[:, None, :]
-    valid = (rows < length) & (cols >= 0) & (cols < length)
-    index = jnp.where(valid, rows * length + cols, 0).reshape(-1)
-    values = jnp.where(valid, tile_weights, 0.0).reshape(batch, heads, index.size)
+    index = tiling.queries[:, :, None] * length + tiling.keys[:, None, :]
+    index = jnp.clip(index, 0, length * length - 1).reshape(-1)
     weights = jnp.zeros((batch, heads, length * length), tile_weights.dtype)
-    weights = weights.at[:, :, index].add(values)
+    weights = weights.at[:, :, index].add(tile_weights.reshape(batch, heads, index.size))
     return weights.reshape(batch, heads, length, length)
 
 

@@ -70,9 +70,9 @@ class Tiling:
     """Where the tiles lie: ``queries`` ``(N, Q)`` and ``keys`` ``(N, S)`` positions.
 
     ``queries`` holds every position ``0..N·Q-1`` once (those ``>= L`` are padding).
-    ``edges``: how many tiles at the front and at the back hold padding keys; the others
-    have every key in range. Subclasses lay the tiles out (``query_tiles``, ``key_tiles``,
-    ``untile``) and say which pairs of a tile are visible (``keep``).
+    ``edges``: how many tiles at the front and at the back hold padding positions; the
+    others hold only positions in range. Subclasses lay the tiles out (``query_tiles``,
+    ``key_tiles``, ``untile``) and say which pairs of a tile are visible (``keep``).
     """
 
     queries: Tensor
@@ -96,14 +96,15 @@ class Tiling:
         raise NotImplementedError
 
     def keep(self, tiles: slice, is_causal: bool) -> Tensor | None:
-        """``(1, 1, n|1, Q|1, S)``: the pattern, causal mask and key validity at ``tiles``.
+        """``(1, 1, n|1, Q|1, S)``: the pattern and causal mask at ``tiles``, with every pair
+        that involves a padding position hidden.
 
         ``None`` when every pair of these tiles is visible (up to ``tile_causal``).
         """
         raise NotImplementedError
 
     def interior(self, tiles: slice) -> bool:
-        """``tiles`` hold no padding key."""
+        """``tiles`` hold no padding position."""
         front, back = self.edges
         return tiles.start >= front and tiles.stop <= self.queries.shape[0] - back
 
@@ -121,8 +122,9 @@ class AlignedTiling(Tiling):
     def keep(self, tiles: slice, is_causal: bool) -> Tensor | None:
         if self.interior(tiles):
             return None
-        keys = self.keys[tiles]
-        return ((keys >= 0) & (keys < self.length))[None, None, :, None, :]
+        # keys are the queries, all >= 0: padding is what lies past the end
+        queries, keys = self.queries[tiles], self.keys[tiles]
+        return ((queries[:, :, None] < self.length) & (keys[:, None, :] < self.length))[None, None]
 
 
 def _steps(tiling: Tiling, per_step: int) -> Iterator[slice]:
@@ -164,18 +166,19 @@ def _fold(keep: Tensor, batch: int, heads: int) -> Tensor:
 def _scatter(tile_weights: Tensor, tiling: Tiling) -> Tensor:
     """The tiles' weights ``(B, H, N, Q, S)`` placed in a dense ``(B, H, L, L)``.
 
-    Each visible pair lies in exactly one tile, so adding into zeros places it; padding
-    entries are zeroed and sent to index 0, where adding 0 changes nothing.
+    Each visible pair lies in exactly one tile, so adding into zeros places it. Pairs with
+    a padding position weigh exactly 0 (``keep`` hides them), so sending them to any index
+    in range, as clamping does, adds nothing.
     """
     batch, heads = tile_weights.shape[:2]
     length = tiling.length
-    rows, cols = tiling.queries[:, :, None], tiling.keys[:, None, :]
-    valid = (rows < length) & (cols >= 0) & (cols < length)
-    index = torch.where(valid, rows * length + cols, 0).reshape(1, 1, -1)
+    index = tiling.queries[:, :, None] * length + tiling.keys[:, None, :]
+    index = index.clamp(0, length * length - 1).reshape(1, 1, -1)
     pairs = index.shape[2]
-    values = torch.where(valid, tile_weights, 0.0).reshape(batch, heads, pairs)
     weights = tile_weights.new_zeros(batch, heads, length * length)
-    weights.scatter_add_(2, index.expand(batch, heads, pairs), values)
+    weights.scatter_add_(
+        2, index.expand(batch, heads, pairs), tile_weights.reshape(batch, heads, pairs)
+    )
     return weights.view(batch, heads, length, length)
 
 

@@ -71,7 +71,7 @@ def test_invalid_window(window):
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_tiles_hold_only_the_band(is_causal):
     """Each chunk of c queries gets c + 2h keys (c + h when causal): O(L · w) pairs."""
-    length, window = 1000, 64
+    length, window = 300, 64
     for tiling in (
         local_tiling(length, window, is_causal=is_causal),
         jax_local_tiling(length, window, is_causal=is_causal),
