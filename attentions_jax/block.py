@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from ._validation import validate_positive
-from .base import SelfAttention
 from .masks import block_mask
-from .sparse import AlignedTiling, merge_tiles, pad_positions, tiled_attention
+from .sparse import AlignedTiling, TiledSelfAttention, merge_tiles, pad_positions
 
 __all__ = ["BlockSelfAttention", "BlockTiling", "block_tiling"]
 
@@ -40,7 +39,7 @@ def block_tiling(length: int, block_size: int) -> BlockTiling:
     return BlockTiling(queries, queries, length, edges=(0, padded))
 
 
-class BlockSelfAttention(SelfAttention):
+class BlockSelfAttention(TiledSelfAttention):
     """Multi-head attention within fixed blocks: key j visible from query i iff
     ``i // block_size == j // block_size``; the last block may be shorter.
 
@@ -68,27 +67,5 @@ class BlockSelfAttention(SelfAttention):
     def pattern(self, length: int) -> jax.Array:
         return block_mask(length, self.block_size)
 
-    def attend(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        mask: jax.Array | None,
-        *,
-        is_causal: bool,
-        need_weights: bool,
-        deterministic: bool,
-    ) -> tuple[jax.Array, jax.Array | None]:
-        dropping = not deterministic and self.dropout > 0.0
-        return tiled_attention(
-            q,
-            k,
-            v,
-            mask,
-            block_tiling(q.shape[2], self.block_size),
-            is_causal=is_causal,
-            scale=self.scale,
-            dropout_rate=self.dropout,
-            dropout_rng=self.make_rng("dropout") if dropping else None,
-            need_weights=need_weights,
-        )
+    def tiling(self, length: int, *, is_causal: bool) -> BlockTiling:
+        return block_tiling(length, self.block_size)

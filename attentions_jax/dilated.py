@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from ._validation import validate_positive
-from .base import SelfAttention
 from .block import block_tiling
 from .masks import dilated_mask
-from .sparse import AlignedTiling, merge_tiles, pad_positions, tiled_attention
+from .sparse import AlignedTiling, TiledSelfAttention, merge_tiles, pad_positions
 
 __all__ = ["DilatedSelfAttention", "DilatedTiling", "dilated_tiling"]
 
@@ -46,7 +45,7 @@ def dilated_tiling(length: int, dilation_rate: int) -> AlignedTiling:
     return DilatedTiling(queries, queries, length, edges=(0, padded))
 
 
-class DilatedSelfAttention(SelfAttention):
+class DilatedSelfAttention(TiledSelfAttention):
     """Multi-head attention over a dilated pattern: key j visible from query i iff
     ``(i - j) % dilation_rate == 0``.
 
@@ -76,27 +75,5 @@ class DilatedSelfAttention(SelfAttention):
     def pattern(self, length: int) -> jax.Array:
         return dilated_mask(length, self.dilation_rate)
 
-    def attend(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        mask: jax.Array | None,
-        *,
-        is_causal: bool,
-        need_weights: bool,
-        deterministic: bool,
-    ) -> tuple[jax.Array, jax.Array | None]:
-        dropping = not deterministic and self.dropout > 0.0
-        return tiled_attention(
-            q,
-            k,
-            v,
-            mask,
-            dilated_tiling(q.shape[2], self.dilation_rate),
-            is_causal=is_causal,
-            scale=self.scale,
-            dropout_rate=self.dropout,
-            dropout_rng=self.make_rng("dropout") if dropping else None,
-            need_weights=need_weights,
-        )
+    def tiling(self, length: int, *, is_causal: bool) -> AlignedTiling:
+        return dilated_tiling(length, self.dilation_rate)

@@ -16,7 +16,7 @@ Semantics shared with ``attentions_torch.functional``:
 
 The fast path (``need_weights=False``) walks over query chunks with ``lax.map``, so the
 scores (and the ALiBi bias) it holds at once are ``(B, H, chunk, S)``; on CPU this runs
-about 3x faster than ``jax.nn.dot_product_attention`` (measured by
+2.5-4x faster than ``jax.nn.dot_product_attention`` (measured by
 ``python -m parity.bench``), and unlike it serves float64 and gives zero rows to queries
 that see no key.
 """
@@ -40,8 +40,13 @@ __all__ = [
     "split_heads",
 ]
 
-QUERY_CHUNK = 256
-"""Queries per step of the fast path; ``(B, H, QUERY_CHUNK, S)`` scores live at once."""
+QUERY_CHUNK = 128
+"""Queries per step of the fast path; ``(B, H, QUERY_CHUNK, S)`` scores live at once.
+
+On CPU (H = 8, D = 64, fp32) 128 ran 2.7-3.8x faster than ``jax.nn.dot_product_attention``
+at L = 2048 and 256 ran 2.0-2.7x: a smaller chunk's scores stay in cache between the
+passes (max, exp, sum, ``@ V``) over them.
+"""
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:

@@ -44,7 +44,7 @@ from ._validation import (
 from .base import SelfAttention
 from .functional import merge_heads
 from .masks import causal_mask
-from .rope import rope_angles
+from .rope import rope_angles, rotate
 
 __all__ = ["CHUNK_SIZE", "EPS", "LinearAttentionState", "LinearSelfAttention", "linear_attention"]
 
@@ -239,19 +239,9 @@ def _rope_at(x: jax.Array, position: jax.Array, *, base: float, interleaved: boo
     (the full pass takes its tables from NumPy float64), so at large positions a float32
     step can differ from the full pass by up to about ``position · 6e-8`` radians.
     """
-    d_head = x.shape[-1]
-    acc = _accumulation_dtype(x.dtype)
     wide = jax.dtypes.canonicalize_dtype(jnp.float64)
-    angles = position.astype(wide) * jnp.asarray(rope_angles(2, d_head, base)[1], wide)
-    cos, sin = jnp.cos(angles).astype(acc), jnp.sin(angles).astype(acc)
-    xa = x.astype(acc)
-    if interleaved:
-        even, odd = xa[..., 0::2], xa[..., 1::2]
-        rotated = jnp.stack((even * cos - odd * sin, even * sin + odd * cos), axis=-1)
-        return rotated.reshape(x.shape).astype(x.dtype)
-    first, second = xa[..., : d_head // 2], xa[..., d_head // 2 :]
-    rotated = jnp.concatenate((first * cos - second * sin, first * sin + second * cos), axis=-1)
-    return rotated.astype(x.dtype)
+    angles = position.astype(wide) * jnp.asarray(rope_angles(2, x.shape[-1], base)[1], wide)
+    return rotate(x, jnp.cos(angles), jnp.sin(angles), interleaved=interleaved)
 
 
 class LinearSelfAttention(SelfAttention):

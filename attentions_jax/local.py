@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from ._validation import validate_positive
-from .base import SelfAttention
 from .masks import local_mask
-from .sparse import Tiling, merge_tiles, pad_positions, tiled_attention
+from .sparse import TiledSelfAttention, Tiling, merge_tiles, pad_positions
 
 __all__ = ["LocalSelfAttention", "LocalTiling", "local_tiling"]
 
@@ -81,7 +80,7 @@ def local_tiling(length: int, window_size: int, *, is_causal: bool) -> LocalTili
     return LocalTiling(queries, keys, length, edges=(front, back), half=half)
 
 
-class LocalSelfAttention(SelfAttention):
+class LocalSelfAttention(TiledSelfAttention):
     """Multi-head attention within a sliding window: key j visible from query i iff
     ``|i - j| <= window_size // 2`` (a window of ``window_size`` keys for odd sizes).
 
@@ -109,27 +108,5 @@ class LocalSelfAttention(SelfAttention):
     def pattern(self, length: int) -> jax.Array:
         return local_mask(length, self.window_size)
 
-    def attend(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        mask: jax.Array | None,
-        *,
-        is_causal: bool,
-        need_weights: bool,
-        deterministic: bool,
-    ) -> tuple[jax.Array, jax.Array | None]:
-        dropping = not deterministic and self.dropout > 0.0
-        return tiled_attention(
-            q,
-            k,
-            v,
-            mask,
-            local_tiling(q.shape[2], self.window_size, is_causal=is_causal),
-            is_causal=is_causal,
-            scale=self.scale,
-            dropout_rate=self.dropout,
-            dropout_rng=self.make_rng("dropout") if dropping else None,
-            need_weights=need_weights,
-        )
+    def tiling(self, length: int, *, is_causal: bool) -> LocalTiling:
+        return local_tiling(length, self.window_size, is_causal=is_causal)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["apply_rope", "rope_angles"]
+__all__ = ["apply_rope", "rope_angles", "rotate"]
 
 
 def rope_angles(length: int, d_head: int, base: float) -> np.ndarray:
@@ -27,11 +27,16 @@ def apply_rope(x: jax.Array, *, base: float = 10000.0, interleaved: bool = True)
     ``interleaved=True`` rotates the pairs ``(x[2i], x[2i+1])`` (RoFormer, GPT-J);
     ``False`` rotates ``(x[i], x[i + D/2])`` (GPT-NeoX, LLaMA).
     """
-    length, d_head = x.shape[-2], x.shape[-1]
+    angles = rope_angles(x.shape[-2], x.shape[-1], base)
+    return rotate(x, np.cos(angles), np.sin(angles), interleaved=interleaved)
+
+
+def rotate(x: jax.Array, cos, sin, *, interleaved: bool) -> jax.Array:
+    """Rotate the pairs of ``x`` ``(..., D)`` by angles whose cos and sin broadcast to
+    ``(..., D/2)``; in float32 or wider, cast back to ``x``'s dtype."""
+    d_head = x.shape[-1]
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    angles = rope_angles(length, d_head, base)
-    cos, sin = jnp.asarray(np.cos(angles), acc), jnp.asarray(np.sin(angles), acc)
-    xa = x.astype(acc)
+    cos, sin, xa = jnp.asarray(cos, acc), jnp.asarray(sin, acc), x.astype(acc)
     if interleaved:
         even, odd = xa[..., 0::2], xa[..., 1::2]
         rotated = jnp.stack((even * cos - odd * sin, even * sin + odd * cos), axis=-1)

@@ -29,11 +29,13 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from .base import SelfAttention
 from .functional import dot_product_attention
 from .masks import combine_masks
 
 __all__ = [
     "AlignedTiling",
+    "TiledSelfAttention",
     "Tiling",
     "merge_tiles",
     "pad_positions",
@@ -226,3 +228,36 @@ def tiled_attention(
         return out, None
     weights = weights.reshape(batch, heads, tiles, queries, tiling.keys.shape[1])
     return out, _scatter(weights, tiling)
+
+
+class TiledSelfAttention(SelfAttention):
+    """A ``SelfAttention`` whose pattern is computed on the tiles of ``tiling``."""
+
+    def tiling(self, length: int, *, is_causal: bool) -> Tiling:
+        """The tiles of a length-L sequence; ``is_causal`` may shrink them."""
+        raise NotImplementedError
+
+    def attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        mask: jax.Array | None,
+        *,
+        is_causal: bool,
+        need_weights: bool,
+        deterministic: bool,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        dropping = not deterministic and self.dropout > 0.0
+        return tiled_attention(
+            q,
+            k,
+            v,
+            mask,
+            self.tiling(q.shape[2], is_causal=is_causal),
+            is_causal=is_causal,
+            scale=self.scale,
+            dropout_rate=self.dropout,
+            dropout_rng=self.make_rng("dropout") if dropping else None,
+            need_weights=need_weights,
+        )

@@ -38,8 +38,9 @@ class ALiBiSelfAttention(SelfAttention):
 
     The bias is made per call from positions for the length at hand, so any L works and
     the state_dict holds only the projections. Complexity: O(L² · E) time; the fast path
-    (``need_weights=False``) calls ``F.scaled_dot_product_attention`` with a float bias on
-    ``ALIBI_QUERY_CHUNK`` queries at a time, O(H · chunk · L) memory.
+    (``need_weights=False``) calls ``F.scaled_dot_product_attention`` with the bias as a
+    strided ``(1, H, L, L)`` view of ``H · (2L − 1)`` values, O(H · L) memory; with a mask,
+    on ``QUERY_CHUNK`` queries at a time, O(H · chunk · L) memory.
 
     Example::
 

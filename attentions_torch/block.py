@@ -9,9 +9,8 @@ import torch
 from torch import Tensor
 
 from ._validation import validate_positive
-from .base import SelfAttention
 from .masks import block_mask
-from .sparse import AlignedTiling, merge_tiles, pad_positions, tiled_attention
+from .sparse import AlignedTiling, TiledSelfAttention, merge_tiles, pad_positions
 
 __all__ = ["BlockSelfAttention", "BlockTiling", "block_tiling"]
 
@@ -41,7 +40,7 @@ def block_tiling(length: int, block_size: int, device: torch.device | None = Non
     return BlockTiling(queries, queries, length, edges=(0, padded))
 
 
-class BlockSelfAttention(SelfAttention):
+class BlockSelfAttention(TiledSelfAttention):
     """Multi-head attention within fixed blocks: key j visible from query i iff
     ``i // block_size == j // block_size``; the last block may be shorter.
 
@@ -63,27 +62,8 @@ class BlockSelfAttention(SelfAttention):
     def pattern(self, length: int, device: torch.device) -> Tensor:
         return block_mask(length, self.block_size, device)
 
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        mask: Tensor | None,
-        *,
-        is_causal: bool,
-        need_weights: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        return tiled_attention(
-            q,
-            k,
-            v,
-            mask,
-            block_tiling(q.shape[2], self.block_size, device=q.device),
-            is_causal=is_causal,
-            scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights,
-        )
+    def tiling(self, length: int, *, is_causal: bool, device: torch.device) -> BlockTiling:
+        return block_tiling(length, self.block_size, device)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block_size={self.block_size}"

@@ -9,10 +9,9 @@ import torch
 from torch import Tensor
 
 from ._validation import validate_positive
-from .base import SelfAttention
 from .block import block_tiling
 from .masks import dilated_mask
-from .sparse import AlignedTiling, merge_tiles, pad_positions, tiled_attention
+from .sparse import AlignedTiling, TiledSelfAttention, merge_tiles, pad_positions
 
 __all__ = ["DilatedSelfAttention", "DilatedTiling", "dilated_tiling"]
 
@@ -51,7 +50,7 @@ def dilated_tiling(
     return DilatedTiling(queries, queries, length, edges=(0, padded))
 
 
-class DilatedSelfAttention(SelfAttention):
+class DilatedSelfAttention(TiledSelfAttention):
     """Multi-head attention over a dilated pattern: key j visible from query i iff
     ``(i - j) % dilation_rate == 0``.
 
@@ -75,27 +74,8 @@ class DilatedSelfAttention(SelfAttention):
     def pattern(self, length: int, device: torch.device) -> Tensor:
         return dilated_mask(length, self.dilation_rate, device)
 
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        mask: Tensor | None,
-        *,
-        is_causal: bool,
-        need_weights: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        return tiled_attention(
-            q,
-            k,
-            v,
-            mask,
-            dilated_tiling(q.shape[2], self.dilation_rate, device=q.device),
-            is_causal=is_causal,
-            scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights,
-        )
+    def tiling(self, length: int, *, is_causal: bool, device: torch.device) -> AlignedTiling:
+        return dilated_tiling(length, self.dilation_rate, device)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dilation_rate={self.dilation_rate}"

@@ -26,7 +26,7 @@ from torch import Tensor
 from .masks import combine_masks
 
 __all__ = [
-    "ALIBI_QUERY_CHUNK",
+    "QUERY_CHUNK",
     "alibi_bias",
     "dot_product_attention",
     "dot_product_attention_weights",
@@ -34,12 +34,13 @@ __all__ = [
     "split_heads",
 ]
 
-ALIBI_QUERY_CHUNK = 1024
-"""Queries per SDPA call of the ALiBi fast path; its float bias is ``(H, chunk, S)``.
+QUERY_CHUNK = 1024
+"""Queries per SDPA call when the fast path builds a mask or bias per query: ALiBi with a
+user mask or bias, or a mask together with ``is_causal``. The mask or bias SDPA sees is
+then ``(B, H, chunk, S)``, O(chunk·S) memory instead of O(L·S).
 
 On CPU (H = 8, D = 64, L = 2048 and 4096) one call with the whole ``(H, L, S)`` bias was
-no faster than calls on 512 to 2048 queries, and chunks keep the memory O(H·chunk·S)
-instead of O(H·L²).
+no faster than calls on 512 to 2048 queries.
 """
 
 
@@ -144,6 +145,44 @@ def _apply_weights(weights: Tensor, v: Tensor) -> Tensor:
     return out.reshape(batch, heads, length, v.shape[-1])
 
 
+def _alibi_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slopes: Tensor,
+    *,
+    is_causal: bool,
+    scale: float | None,
+    dropout_p: float,
+) -> Tensor:
+    """ALiBi without a user mask: SDPA reads its bias from ``H·(L + S − 1)`` numbers.
+
+    The bias ``-m_h * abs(i - j)`` depends on ``i - j`` alone. With the queries in reverse
+    order (row r is query ``i = L − 1 − r``) it depends on ``t = r + j``, so the
+    ``(1, H, L, S)`` bias is a strided view (strides 1 and 1) of the vector
+    ``w[h, t] = -m_h * abs(L − 1 − t)``; ``j <= i`` is ``t <= L − 1``. The fused kernel reads
+    it in place: O(H·(L + S)) memory and no per-call ``(H, L, S)`` tensor to fill.
+    """
+    heads, length, keys = q.shape[1], q.shape[2], k.shape[2]
+    acc = _accumulation_dtype(q.dtype)
+    offsets = torch.arange(length + keys - 1, device=q.device)
+    distance = (offsets - (length - 1)).abs().to(acc)
+    toeplitz = (-slopes.to(device=q.device, dtype=acc)[:, None] * distance).to(q.dtype)
+    if is_causal:
+        toeplitz = toeplitz.masked_fill(offsets > length - 1, torch.finfo(q.dtype).min)
+    bias = toeplitz.as_strided((1, heads, length, keys), (0, length + keys - 1, 1, 1))
+    out = F.scaled_dot_product_attention(
+        q.flip(2),
+        k,
+        v,
+        attn_mask=bias,
+        dropout_p=dropout_p,
+        scale=scale,
+        enable_gqa=heads != k.shape[1],
+    )
+    return out.flip(2)
+
+
 def _masked_sdpa(
     q: Tensor,
     k: Tensor,
@@ -204,8 +243,10 @@ def dot_product_attention(
       scale: score scale, default ``1 / sqrt(D)``.
       dropout_p: dropout on the attention weights (pass 0.0 outside training).
       need_weights: ``True`` returns the ``(B, H, L, S)`` weights (before dropout);
-        ``False`` runs ``F.scaled_dot_product_attention`` and returns ``None``; with
-        ``alibi_slopes`` it calls it on ``ALIBI_QUERY_CHUNK`` queries at a time.
+        ``False`` runs ``F.scaled_dot_product_attention`` and returns ``None``: ALiBi alone
+        as a strided view of ``H·(L + S − 1)`` bias values, and on ``QUERY_CHUNK`` queries
+        at a time when a mask or bias has to be built per query (ALiBi with a mask or
+        bias, a mask with ``is_causal``).
 
     Returns:
       ``(out, weights)``: out ``(B, H, L, D)`` in q's dtype.
@@ -228,14 +269,19 @@ def dot_product_attention(
             enable_gqa=q.shape[1] != k.shape[1],
         )
         return out, None
+    if mask is None and bias is None:
+        out = _alibi_sdpa(
+            q, k, v, alibi_slopes, is_causal=is_causal, scale=scale, dropout_p=dropout_p
+        )
+        return out, None
     length, keys = q.shape[2], k.shape[2]
     mask, bias = _as_rank4(mask), _as_rank4(bias)
     acc = _accumulation_dtype(q.dtype)
     positions = torch.arange(length, device=q.device)
-    # the ALiBi bias is made per chunk of queries; a plain mask or bias goes in one call
-    chunk = ALIBI_QUERY_CHUNK if alibi_slopes is not None else length
+    # a mask or bias made per query (ALiBi, causal) goes in chunks; a given one in one call
+    chunk = QUERY_CHUNK if alibi_slopes is not None or is_causal else length
     outs = []
-    for start in range(0, length, chunk) if length > chunk else (0,):
+    for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         rows = positions[start:stop]
         keep = combine_masks(

@@ -44,7 +44,7 @@ from ._validation import (
 from .base import SelfAttention
 from .functional import merge_heads
 from .masks import causal_mask
-from .rope import rope_angles
+from .rope import rope_angles, rotate
 
 __all__ = ["CHUNK_SIZE", "EPS", "LinearAttentionState", "LinearSelfAttention", "linear_attention"]
 
@@ -209,18 +209,8 @@ def linear_attention(
 
 def _rope_at(x: Tensor, position: Tensor, *, base: float, interleaved: bool) -> Tensor:
     """RoPE of one position for ``x`` ``(B, H, D)``, as ``rope.apply_rope`` rotates row t."""
-    d_head = x.shape[-1]
-    acc = _accumulation_dtype(x.dtype)
-    angles = position.to(torch.float64) * rope_angles(2, d_head, base, x.device)[1]
-    cos, sin = angles.cos().to(acc), angles.sin().to(acc)
-    xa = x.to(acc)
-    if interleaved:
-        even, odd = xa[..., 0::2], xa[..., 1::2]
-        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-        return rotated.flatten(-2).to(x.dtype)
-    first, second = xa[..., : d_head // 2], xa[..., d_head // 2 :]
-    rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
-    return rotated.to(x.dtype)
+    angles = position.to(torch.float64) * rope_angles(2, x.shape[-1], base, x.device)[1]
+    return rotate(x, angles.cos(), angles.sin(), interleaved=interleaved)
 
 
 class LinearSelfAttention(SelfAttention):

@@ -9,9 +9,8 @@ import torch
 from torch import Tensor
 
 from ._validation import validate_positive
-from .base import SelfAttention
 from .masks import local_mask
-from .sparse import Tiling, merge_tiles, pad_positions, tiled_attention
+from .sparse import TiledSelfAttention, Tiling, merge_tiles, pad_positions
 
 __all__ = ["LocalSelfAttention", "LocalTiling", "local_tiling"]
 
@@ -89,7 +88,7 @@ def local_tiling(
     return LocalTiling(queries, keys, length, edges=(front, back), half=half)
 
 
-class LocalSelfAttention(SelfAttention):
+class LocalSelfAttention(TiledSelfAttention):
     """Multi-head attention within a sliding window: key j visible from query i iff
     ``|i - j| <= window_size // 2`` (a window of ``window_size`` keys for odd sizes).
 
@@ -111,28 +110,8 @@ class LocalSelfAttention(SelfAttention):
     def pattern(self, length: int, device: torch.device) -> Tensor:
         return local_mask(length, self.window_size, device)
 
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        mask: Tensor | None,
-        *,
-        is_causal: bool,
-        need_weights: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        tiling = local_tiling(q.shape[2], self.window_size, is_causal=is_causal, device=q.device)
-        return tiled_attention(
-            q,
-            k,
-            v,
-            mask,
-            tiling,
-            is_causal=is_causal,
-            scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights,
-        )
+    def tiling(self, length: int, *, is_causal: bool, device: torch.device) -> LocalTiling:
+        return local_tiling(length, self.window_size, is_causal=is_causal, device=device)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window_size={self.window_size}"

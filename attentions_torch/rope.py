@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["apply_rope", "rope_angles"]
+__all__ = ["apply_rope", "rope_angles", "rotate"]
 
 
 def rope_angles(length: int, d_head: int, base: float, device=None) -> Tensor:
@@ -26,11 +26,16 @@ def apply_rope(x: Tensor, *, base: float = 10000.0, interleaved: bool = True) ->
     ``interleaved=True`` rotates the pairs ``(x[2i], x[2i+1])`` (RoFormer, GPT-J);
     ``False`` rotates ``(x[i], x[i + D/2])`` (GPT-NeoX, LLaMA).
     """
-    length, d_head = x.shape[-2], x.shape[-1]
+    angles = rope_angles(x.shape[-2], x.shape[-1], base, x.device)
+    return rotate(x, angles.cos(), angles.sin(), interleaved=interleaved)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool) -> Tensor:
+    """Rotate the pairs of ``x`` ``(..., D)`` by angles whose cos and sin broadcast to
+    ``(..., D/2)``; in float32 or wider, cast back to ``x``'s dtype."""
+    d_head = x.shape[-1]
     acc = torch.promote_types(x.dtype, torch.float32)
-    angles = rope_angles(length, d_head, base, x.device)
-    cos, sin = angles.cos().to(acc), angles.sin().to(acc)
-    xa = x.to(acc)
+    cos, sin, xa = cos.to(acc), sin.to(acc), x.to(acc)
     if interleaved:
         even, odd = xa[..., 0::2], xa[..., 1::2]
         rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)

@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .base import SelfAttention
 from .functional import dot_product_attention
 from .masks import combine_masks
 
 __all__ = [
     "MASKED_PAIRS_PER_STEP",
     "AlignedTiling",
+    "TiledSelfAttention",
     "Tiling",
     "merge_tiles",
     "pad_positions",
@@ -241,3 +243,33 @@ def tiled_attention(
         return out, None
     weights = weights.view(batch, heads, tiles, queries, tiling.keys.shape[1])
     return out, _scatter(weights, tiling)
+
+
+class TiledSelfAttention(SelfAttention):
+    """A ``SelfAttention`` whose pattern is computed on the tiles of ``tiling``."""
+
+    def tiling(self, length: int, *, is_causal: bool, device: torch.device) -> Tiling:
+        """The tiles of a length-L sequence; ``is_causal`` may shrink them."""
+        raise NotImplementedError
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        *,
+        is_causal: bool,
+        need_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        return tiled_attention(
+            q,
+            k,
+            v,
+            mask,
+            self.tiling(q.shape[2], is_causal=is_causal, device=q.device),
+            is_causal=is_causal,
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+        )

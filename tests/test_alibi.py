@@ -181,21 +181,64 @@ def test_core_slopes_equal_an_explicit_bias(rng):
                 np.testing.assert_allclose(np.asarray(weights), ref_w, atol=1e-12, rtol=0)
 
 
-def test_torch_fast_path_bias_is_per_query_chunk(monkeypatch, rng):
-    """SDPA never sees more than ``ALIBI_QUERY_CHUNK`` rows of bias (O(H·chunk·L) memory),
-    and sees it as a rank-4 mask (a rank-3 one sends CPU SDPA to its slow math kernel)."""
-    monkeypatch.setattr(torch_functional, "ALIBI_QUERY_CHUNK", 8)
-    rows = []
+def _spy_on_sdpa(monkeypatch) -> list:
+    """Record the ``attn_mask`` of every SDPA call."""
+    masks = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, **kwargs):
-        rows.append((attn_mask.dim(), attn_mask.shape[-2]))
+        masks.append(attn_mask)
         return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return masks
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_torch_fast_path_reads_bias_from_h_by_2l_values(monkeypatch, rng, is_causal, dtype):
+    """Without a mask, SDPA gets one rank-4 bias view over ``H·(2L − 1)`` numbers (O(H·L)
+    memory) and gives the output of the materialized bias: bit for bit."""
+    heads, length, d_head = 4, 37, 8
+    q, k, v = (
+        torch.tensor(rng.standard_normal((2, heads, length, d_head))).to(dtype) for _ in "qkv"
+    )
+    slopes = at.alibi_slopes(heads)
+    bias = at.functional.alibi_bias(slopes.double(), torch.arange(length), length)[None]
+    keep = torch.ones(length, length, dtype=torch.bool)
+    keep = keep.tril() if is_causal else keep
+    bias = bias.to(dtype).masked_fill(~keep, torch.finfo(dtype).min)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    masks = _spy_on_sdpa(monkeypatch)
+    out, _ = at.dot_product_attention(
+        q, k, v, alibi_slopes=slopes, is_causal=is_causal, need_weights=False
+    )
+    [mask] = masks
+    assert mask.shape == (1, heads, length, length)
+    assert mask.untyped_storage().nbytes() == heads * (2 * length - 1) * mask.element_size()
+    assert torch.equal(out, expected)
+    weights_path, _ = at.dot_product_attention(
+        q.double(), k.double(), v.double(), alibi_slopes=slopes, is_causal=is_causal
+    )
+    torch.testing.assert_close(out.double(), weights_path, **_TOLERANCE[dtype])
+
+
+_TOLERANCE = {
+    torch.float64: {"atol": 1e-12, "rtol": 0},
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+}
+
+
+def test_torch_fast_path_bias_is_per_query_chunk(monkeypatch, rng):
+    """With a mask, SDPA never sees more than ``QUERY_CHUNK`` rows of bias (O(H·chunk·L)
+    memory), and sees it as a rank-4 mask (a rank-3 one sends CPU SDPA to its slow math
+    kernel)."""
+    monkeypatch.setattr(torch_functional, "QUERY_CHUNK", 8)
+    masks = _spy_on_sdpa(monkeypatch)
     length = 20
     _check_against_reference(H, length, _mask("padding", rng, length), True, rng)
-    assert rows == [(4, 8), (4, 8), (4, 4)]
+    assert [(mask.dim(), mask.shape[-2]) for mask in masks] == [(4, 8), (4, 8), (4, 4)]
 
 
 def _largest_intermediate(jaxpr) -> int:
@@ -226,7 +269,7 @@ def test_jax_fast_path_bias_is_per_query_chunk(monkeypatch, rng):
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 def test_chunked_fast_path_parity(dtype, monkeypatch, rng):
     """Both frameworks on several query chunks agree within SPEC §6, gradients included."""
-    monkeypatch.setattr(torch_functional, "ALIBI_QUERY_CHUNK", 4)
+    monkeypatch.setattr(torch_functional, "QUERY_CHUNK", 4)
     monkeypatch.setattr(jax_functional, "QUERY_CHUNK", 4)
     report = compare_layers(
         at.ALiBiSelfAttention(32, 8),
