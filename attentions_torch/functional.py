@@ -43,6 +43,10 @@ On CPU (H = 8, D = 64, L = 2048 and 4096) one call with the whole ``(H, L, S)`` 
 no faster than calls on 512 to 2048 queries.
 """
 
+BIAS_ROWS = 128
+"""Queries whose bias the weights path makes at once: ``(H, 128, S)`` stays small enough
+for the allocator to reuse its memory from one row block to the next."""
+
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """``(B, L, H*D) -> (B, H, L, D)``."""
@@ -121,19 +125,30 @@ def dot_product_attention_weights(
     scale = 1.0 / math.sqrt(d_head) if scale is None else scale
     acc = _accumulation_dtype(q.dtype)
     positions = torch.arange(length, device=q.device)
-    bias = _with_alibi(bias, alibi_slopes, positions, keys, acc)
     # (B, K, G, L, D) @ (B, K, 1, D, S) -> (B, K, G, L, S): grouped heads share one kv head
     grouped = (q.to(acc) * scale).reshape(batch, kv_heads, heads // kv_heads, length, d_head)
     scores = grouped @ k.to(acc).transpose(-1, -2)[:, :, None]
     scores = scores.reshape(batch, heads, length, keys)
-    if bias is not None:
-        scores = scores + bias.to(acc)
+    # the scores are a fresh tensor that backward does not read (the product's backward
+    # reads q and k): the bias and the mask go in in place, with no second (B, H, L, S)
+    if bias is not None or alibi_slopes is not None:
+        bias = _as_rank4(bias)
+        for start in range(0, length, BIAS_ROWS):
+            stop = min(start + BIAS_ROWS, length)
+            rows = _query_rows(bias, start, stop)
+            scores[:, :, start:stop] += _with_alibi(
+                rows, alibi_slopes, positions[start:stop], keys, acc
+            ).to(acc)
     keep = combine_masks(mask, _causal(positions, keys) if is_causal else None)
     if keep is None:
         return torch.softmax(scores, dim=-1)
-    scores = scores.masked_fill(~keep, torch.finfo(acc).min)
-    # a fully hidden row softmaxes to uniform over min-filled scores; the where zeroes it
-    return torch.where(keep, torch.softmax(scores, dim=-1), 0.0)
+    hidden = ~keep
+    weights = torch.softmax(scores.masked_fill_(hidden, torch.finfo(acc).min), dim=-1)
+    # a fully hidden row softmaxes to uniform over min-filled scores: zero it (in place
+    # unless autograd needs the softmax's output for its backward)
+    if weights.requires_grad:
+        return weights.masked_fill(hidden, 0.0)
+    return weights.masked_fill_(hidden, 0.0)
 
 
 def _apply_weights(weights: Tensor, v: Tensor) -> Tensor:
