@@ -32,6 +32,7 @@ from jax import lax
 from .masks import combine_masks
 
 __all__ = [
+    "CHUNK_PAIRS",
     "QUERY_CHUNK",
     "alibi_bias",
     "dot_product_attention",
@@ -40,13 +41,26 @@ __all__ = [
     "split_heads",
 ]
 
-QUERY_CHUNK = 128
-"""Queries per step of the fast path; ``(B, H, QUERY_CHUNK, S)`` scores live at once.
+QUERY_CHUNK = 256
+"""Most queries per step of the fast path; ``(B, H, chunk, S)`` scores live at once."""
 
-On CPU (H = 8, D = 64, fp32) 128 ran 2.7-3.8x faster than ``jax.nn.dot_product_attention``
-at L = 2048 and 256 ran 2.0-2.7x: a smaller chunk's scores stay in cache between the
-passes (max, exp, sum, ``@ V``) over them.
+CHUNK_PAIRS = 2**19
+"""Most query-key pairs per head in one step: the chunk shrinks (by powers of two, to 32
+at least) once ``QUERY_CHUNK · S`` would pass it.
+
+On CPU (H = 8, D = 64, fp32, timed in turns with ``jax.nn.dot_product_attention``) 256
+queries ran 2.2-3.0x faster than it at S = 1024 and 2048 where 128 ran 2.2-2.4x; at
+S = 4096, 256 queries fell to 1.6x while 128 gave 2.1-2.5x: the scores of a step have to
+stay in cache between the passes over them (max, exp, sum, ``@ V``).
 """
+
+
+def query_chunk(keys: int) -> int:
+    """Queries per step of the fast path for ``keys`` keys."""
+    chunk = QUERY_CHUNK
+    while chunk > 32 and chunk * keys > CHUNK_PAIRS:
+        chunk //= 2
+    return chunk
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
@@ -271,7 +285,8 @@ def dot_product_attention(
       dropout_rate: dropout on the attention weights; applied only with ``dropout_rng``.
       dropout_rng: PRNG key for dropout, ``None`` for deterministic attention.
       need_weights: ``True`` returns the ``(B, H, L, S)`` weights (before dropout);
-        ``False`` runs the query-chunked fast path and returns ``None`` (static).
+        ``False`` runs the fast path on ``query_chunk(S)`` queries at a time and returns
+        ``None`` (static).
 
     Returns:
       ``(out, weights)``: out ``(B, H, L, D)`` in q's dtype.
@@ -285,5 +300,6 @@ def dot_product_attention(
         dropped = _dropout(weights, dropout_rate, dropout_rng) if dropping else weights
         out = _apply_weights(dropped, v).astype(q.dtype)
         return out, weights.astype(q.dtype) if need_weights else None
-    out = _chunked_attention(q, k, v, mask, bias, alibi_slopes, is_causal, scale, QUERY_CHUNK)
+    chunk = query_chunk(k.shape[2])
+    out = _chunked_attention(q, k, v, mask, bias, alibi_slopes, is_causal, scale, chunk)
     return out.astype(q.dtype), None
