@@ -16,7 +16,7 @@ Semantics shared with ``attentions_torch.functional``:
 
 The fast path (``need_weights=False``) walks over query chunks with ``lax.map``, so the
 scores (and the ALiBi bias) it holds at once are ``(B, H, chunk, S)``; on CPU this runs
-2.5-4x faster than ``jax.nn.dot_product_attention`` (measured by
+2-3x faster than ``jax.nn.dot_product_attention`` (measured by
 ``python -m parity.bench``), and unlike it serves float64 and gives zero rows to queries
 that see no key.
 """
