@@ -133,23 +133,55 @@ def test_low_precision_keeps_dtype_and_accuracy(rng):
     assert np.abs(np.asarray(j_out, np.float64) - ref_out).max() <= 2e-2 * scale
 
 
-def test_chunked_fast_path_with_many_chunks_and_ragged_tail(rng):
-    """L = 2.5 chunks: padding of the last chunk must not leak into the result."""
-    length = jf.QUERY_CHUNK * 2 + jf.QUERY_CHUNK // 2 + 1
-    q = rng.standard_normal((1, 2, length, 4))
-    k = rng.standard_normal((1, 1, length, 4))
-    v = rng.standard_normal((1, 1, length, 4))
-    keep = rng.random((1, 1, length, length)) > 0.5
-    for causal in (False, True):
-        ref_keep = keep & np.tril(np.ones((length, length), bool)) if causal else keep
-        ref_out, _ = softmax_attention(q, k, v, ref_keep)
-        out, _ = jf.dot_product_attention(
-            *(jnp.asarray(a) for a in (q, k, v)),
-            jnp.asarray(keep),
-            is_causal=causal,
-            need_weights=False,
-        )
-        np.testing.assert_allclose(np.asarray(out), ref_out, atol=1e-12, rtol=0)
+STEP_MODES = {
+    # (QUERY_CHUNK, UNIT_CHUNK, STEP_PAIRS) with L = 23, S = 23, G = 2 below
+    "all heads per step": (8, 1024, 2**21),
+    "one head group per step": (8, 8, 2 * 8 * 23),
+}
+
+
+def _step_mask(kind: str, rng, batch: int, heads: int, length: int) -> np.ndarray | None:
+    """Keep-masks of every broadcast shape the steps slice, with a blind query."""
+    shape = {
+        "none": None,
+        "padding": (batch, 1, 1, length),
+        "square": (length, length),
+        "per_head": (batch, heads, length, length),
+        "per_query": (batch, 1, length, 1),
+    }[kind]
+    if shape is None:
+        return None
+    keep = rng.random(shape) > 0.4
+    if kind in ("square", "per_head"):
+        keep[..., 3, :] = False  # query 3 sees no key
+    return keep
+
+
+@pytest.mark.parametrize("mode", sorted(STEP_MODES))
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "square", "per_head", "per_query"])
+def test_fast_path_steps_match_the_weights_path(mode, mask_kind, monkeypatch, rng):
+    """Steps over all heads or over one head group, with a ragged last chunk (L = 23 is
+    2.9 chunks of 8), GQA, a bias and ALiBi slopes: the padding and the slicing of every
+    broadcast shape must not leak into the result."""
+    query_chunk, unit_chunk, step_pairs = STEP_MODES[mode]
+    monkeypatch.setattr(jf, "QUERY_CHUNK", query_chunk)
+    monkeypatch.setattr(jf, "UNIT_CHUNK", unit_chunk)
+    monkeypatch.setattr(jf, "STEP_PAIRS", step_pairs)
+    batch, heads, kv_heads, length = 2, 6, 3, 23
+    q = jnp.asarray(rng.standard_normal((batch, heads, length, 4)))
+    k, v = (jnp.asarray(rng.standard_normal((batch, kv_heads, length, 4))) for _ in "kv")
+    mask = _step_mask(mask_kind, rng, batch, heads, length)
+    mask = None if mask is None else jnp.asarray(mask)
+    bias = jnp.asarray(rng.standard_normal((1, heads, length, length)))
+    slopes = jnp.asarray(rng.random(heads))
+    for is_causal in (False, True):
+        for extra in ({}, {"bias": bias, "alibi_slopes": slopes}):
+            call = dict(mask=mask, is_causal=is_causal, **extra)
+            fast, _ = jf.dot_product_attention(q, k, v, need_weights=False, **call)
+            slow, weights = jf.dot_product_attention(q, k, v, need_weights=True, **call)
+            np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), atol=1e-12, rtol=0)
+            blind = ~np.asarray(weights).any(-1)
+            assert np.all(np.asarray(fast)[blind] == 0)
 
 
 @pytest.mark.parametrize("builder", ["causal", "local", "dilated", "block"])
