@@ -11,10 +11,11 @@ The tilings lay tiles out with slices and reshapes (overlapping key windows with
 gather); only tiles at the ends, which hold padding, are padded. The core
 (``functional.dot_product_attention``) runs on the tiles in steps: the end tiles, each
 with its own mask, and the interior, whose tiles share one ``(Q, S)`` mask or none; its
-fast path walks over query chunks, so it holds ``O(G·N·min(Q, QUERY_CHUNK)·S)`` scores and
-never an ``(L, L)`` tensor; the weights path scatters the compact weights into the dense
-``(B, H, L, L)``. Shapes are static and positions are ``iota`` arithmetic: no tables and
-no Python loop over positions (the steps are at most three).
+fast path walks over steps of query chunks (``functional.STEP_PAIRS``), so it holds
+``O(G·N·min(Q, QUERY_CHUNK)·S)`` scores at most and never an ``(L, L)`` tensor; the
+weights path scatters the compact weights into the dense ``(B, H, L, L)``. Shapes are
+static and positions are ``iota`` arithmetic: no tables and no Python loop over
+positions (the steps are at most three).
 
 Shape legend: B batch, L length, H heads (the sparse classes have as many kv heads as
 query heads), G = B·H, D head width, N tiles, n tiles in one step, Q queries and S keys
