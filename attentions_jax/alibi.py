@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import jax
+from typing import Any
+
 import numpy as np
 
 from ._validation import validate_positive
 from .base import SelfAttention
-from .functional import dot_product_attention
 
 __all__ = ["ALiBiSelfAttention", "AlibiSelfAttention", "alibi_slopes"]
 
@@ -52,31 +52,9 @@ class ALiBiSelfAttention(SelfAttention):
     def head_counts(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads
 
-    def attend(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        mask: jax.Array | None,
-        *,
-        is_causal: bool,
-        need_weights: bool,
-        deterministic: bool,
-    ) -> tuple[jax.Array, jax.Array | None]:
-        """Dense attention with the ALiBi slopes handed to the core."""
-        dropping = not deterministic and self.dropout > 0.0
-        return dot_product_attention(
-            q,
-            k,
-            v,
-            mask,
-            alibi_slopes=alibi_slopes(self.num_heads),
-            is_causal=is_causal,
-            scale=self.scale,
-            dropout_rate=self.dropout,
-            dropout_rng=self.make_rng("dropout") if dropping else None,
-            need_weights=need_weights,
-        )
+    def core_options(self) -> dict[str, Any]:
+        """The ALiBi slopes, handed to the core."""
+        return {"alibi_slopes": alibi_slopes(self.num_heads)}
 
 
 AlibiSelfAttention = ALiBiSelfAttention

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -89,18 +90,27 @@ class SelfAttention(nn.Module):
         pattern in. Mechanisms with a compact fast path override this.
         """
         keep = combine_masks(self.pattern(q.shape[2]), mask)
-        dropping = not deterministic and self.dropout > 0.0
         return dot_product_attention(
             q,
             k,
             v,
             keep,
+            **self.core_options(),
             is_causal=is_causal,
             scale=self.scale,
             dropout_rate=self.dropout,
-            dropout_rng=self.make_rng("dropout") if dropping else None,
+            dropout_rng=self.dropout_rng(deterministic),
             need_weights=need_weights,
         )
+
+    def core_options(self) -> dict[str, Any]:
+        """Extra keyword arguments of the core for this mechanism (ALiBi: its slopes)."""
+        return {}
+
+    def dropout_rng(self, deterministic: bool) -> jax.Array | None:
+        """A key from the ``"dropout"`` stream when dropout is on, else ``None``."""
+        dropping = not deterministic and self.dropout > 0.0
+        return self.make_rng("dropout") if dropping else None
 
     def _dense(self, features: int, name: str) -> nn.Dense:
         return nn.Dense(

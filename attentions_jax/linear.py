@@ -297,7 +297,6 @@ class LinearSelfAttention(SelfAttention):
         deterministic: bool,
     ) -> tuple[jax.Array, jax.Array | None]:
         """Kernel attention on heads (``linear_attention``); q, k, v ``(B, H, L, D)``."""
-        dropping = not deterministic and self.dropout > 0.0
         return linear_attention(
             q,
             k,
@@ -306,7 +305,7 @@ class LinearSelfAttention(SelfAttention):
             is_causal=is_causal,
             feature_map=self.feature_map,
             dropout_rate=self.dropout,
-            dropout_rng=self.make_rng("dropout") if dropping else None,
+            dropout_rng=self.dropout_rng(deterministic),
             need_weights=need_weights,
             chunk_size=self.chunk_size,
         )

@@ -249,7 +249,6 @@ class TiledSelfAttention(SelfAttention):
         need_weights: bool,
         deterministic: bool,
     ) -> tuple[jax.Array, jax.Array | None]:
-        dropping = not deterministic and self.dropout > 0.0
         return tiled_attention(
             q,
             k,
@@ -259,6 +258,6 @@ class TiledSelfAttention(SelfAttention):
             is_causal=is_causal,
             scale=self.scale,
             dropout_rate=self.dropout,
-            dropout_rng=self.make_rng("dropout") if dropping else None,
+            dropout_rng=self.dropout_rng(deterministic),
             need_weights=need_weights,
         )

@@ -9,7 +9,6 @@ from torch import Tensor
 
 from ._validation import validate_positive
 from .base import SelfAttention
-from .functional import dot_product_attention
 
 __all__ = ["ALiBiSelfAttention", "AlibiSelfAttention", "alibi_slopes"]
 
@@ -51,28 +50,9 @@ class ALiBiSelfAttention(SelfAttention):
     def __init__(self, d_model: int, num_heads: int, **options: Any) -> None:
         super().__init__(d_model, num_heads, num_heads, **options)
 
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        mask: Tensor | None,
-        *,
-        is_causal: bool,
-        need_weights: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Dense attention with the ALiBi slopes handed to the core."""
-        return dot_product_attention(
-            q,
-            k,
-            v,
-            mask,
-            alibi_slopes=alibi_slopes(self.num_heads, q.device),
-            is_causal=is_causal,
-            scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights,
-        )
+    def core_options(self, device: torch.device) -> dict[str, Any]:
+        """The ALiBi slopes, handed to the core."""
+        return {"alibi_slopes": alibi_slopes(self.num_heads, device)}
 
 
 AlibiSelfAttention = ALiBiSelfAttention

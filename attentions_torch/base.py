@@ -8,6 +8,7 @@ D head width, E model width.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -100,11 +101,21 @@ class SelfAttention(nn.Module):
             k,
             v,
             keep,
+            **self.core_options(q.device),
             is_causal=is_causal,
             scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout_p,
             need_weights=need_weights,
         )
+
+    def core_options(self, device: torch.device) -> dict[str, Any]:
+        """Extra keyword arguments of the core for this mechanism (ALiBi: its slopes)."""
+        return {}
+
+    @property
+    def dropout_p(self) -> float:
+        """The dropout rate in training, 0.0 in eval mode."""
+        return self.dropout if self.training else 0.0
 
     def forward(
         self,

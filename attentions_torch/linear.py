@@ -263,7 +263,7 @@ class LinearSelfAttention(SelfAttention):
             mask,
             is_causal=is_causal,
             feature_map=self.feature_map,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout_p,
             need_weights=need_weights,
             chunk_size=self.chunk_size,
         )

@@ -270,6 +270,6 @@ class TiledSelfAttention(SelfAttention):
             self.tiling(q.shape[2], is_causal=is_causal, device=q.device),
             is_causal=is_causal,
             scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout_p,
             need_weights=need_weights,
         )
