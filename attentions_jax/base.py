@@ -1,7 +1,8 @@
 """The pipeline every layer shares: project, split heads, RoPE, attend, merge, project out.
 
-A mechanism is a subclass that names its pattern (``pattern``) and, where it pays, its
-own fast kernel (``attend``). Shape legend: B batch, L length, H query heads, K kv heads,
+A mechanism is a subclass: the dense ones differ only in their head counts and core
+options (ALiBi's slopes); the sparse ones compute their pattern on tiles in their own
+``attend`` (``sparse.py``). Shape legend: B batch, L length, H query heads, K kv heads,
 D head width, E model width.
 """
 
@@ -16,7 +17,7 @@ import jax
 
 from ._validation import validate_heads, validate_input, validate_options
 from .functional import dot_product_attention, merge_heads, split_heads
-from .masks import as_keep_mask, combine_masks
+from .masks import as_keep_mask
 from .rope import apply_rope
 
 __all__ = ["SelfAttention"]
@@ -69,10 +70,6 @@ class SelfAttention(nn.Module):
         """Score scale ``1 / (sqrt(D) * temperature)``."""
         return 1.0 / (math.sqrt(self.d_head) * self.temperature)
 
-    def pattern(self, length: int) -> jax.Array | None:
-        """The mechanism's own ``(L, L)`` keep pattern; ``None`` for dense attention."""
-        return None
-
     def attend(
         self,
         q: jax.Array,
@@ -86,15 +83,14 @@ class SelfAttention(nn.Module):
     ) -> tuple[jax.Array, jax.Array | None]:
         """Core attention on heads: q ``(B, H, L, D)``, k/v ``(B, K, L, D)``.
 
-        ``mask`` is the caller's rank-4 keep-mask (or ``None``); the mechanism ANDs its
-        pattern in. Mechanisms with a compact fast path override this.
+        ``mask`` is the caller's rank-4 keep-mask (or ``None``). Mechanisms with a pattern
+        of their own override this with a compact kernel (``sparse.py``, ``linear.py``).
         """
-        keep = combine_masks(self.pattern(q.shape[2]), mask)
         return dot_product_attention(
             q,
             k,
             v,
-            keep,
+            mask,
             **self.core_options(),
             is_causal=is_causal,
             scale=self.scale,

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from ._validation import validate_positive
-from .masks import block_mask
 from .sparse import AlignedTiling, TiledSelfAttention, merge_tiles, pad_positions
 
 __all__ = ["BlockSelfAttention", "BlockTiling", "block_tiling"]
@@ -63,9 +62,6 @@ class BlockSelfAttention(TiledSelfAttention):
 
     def head_counts(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads
-
-    def pattern(self, length: int) -> jax.Array:
-        return block_mask(length, self.block_size)
 
     def tiling(self, length: int, *, is_causal: bool) -> BlockTiling:
         return block_tiling(length, self.block_size)

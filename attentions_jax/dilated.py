@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 from ._validation import validate_positive
 from .block import block_tiling
-from .masks import dilated_mask
 from .sparse import AlignedTiling, TiledSelfAttention, merge_tiles, pad_positions
 
 __all__ = ["DilatedSelfAttention", "DilatedTiling", "dilated_tiling"]
@@ -71,9 +70,6 @@ class DilatedSelfAttention(TiledSelfAttention):
 
     def head_counts(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads
-
-    def pattern(self, length: int) -> jax.Array:
-        return dilated_mask(length, self.dilation_rate)
 
     def tiling(self, length: int, *, is_causal: bool) -> AlignedTiling:
         return dilated_tiling(length, self.dilation_rate)

@@ -4,7 +4,7 @@ Shape legend: B batch, L length, H heads, D head width, F = D feature index of
 ``phi(q)``, ``phi(k)`` (the feature map keeps the width), C chunk length, N chunks.
 
 With ``phi(x) = elu(x) + 1`` (or ``relu``), no score scaling, ``EPS = 1e-6`` and the
-keep-mask M (SPEC §2)::
+keep-mask M (docs/semantics.md, "Mechanisms and their patterns")::
 
     A[i, j] = M[i, j] phi(q_i)·phi(k_j) / (sum_j' M[i, j'] phi(q_i)·phi(k_j') + EPS)
     out     = A @ V
@@ -49,7 +49,7 @@ from .rope import rope_angles, rotate
 __all__ = ["CHUNK_SIZE", "EPS", "LinearAttentionState", "LinearSelfAttention", "linear_attention"]
 
 EPS = 1e-6
-"""Added to every denominator (SPEC §2); a query that sees no key gets ``0 / EPS = 0``."""
+"""Added to every denominator; a query that sees no key gets ``0 / EPS = 0``."""
 
 CHUNK_SIZE = 64
 """Smallest chunk of the causal fast path; the chunk is ``max(CHUNK_SIZE, D)`` (capped
@@ -160,7 +160,7 @@ def _causal_attention(fq: jax.Array, fk: jax.Array, v: jax.Array, chunk_size: in
 def _kernel_weights(
     fq: jax.Array, fk: jax.Array, mask: jax.Array | None, is_causal: bool
 ) -> jax.Array:
-    """The weights A ``(B, H, L, L)`` of SPEC §2.
+    """The weights A ``(B, H, L, L)`` of the formula above.
 
     Without a general mask the denominators ``phi(q_i)·sum_j phi(k_j)`` (a prefix sum
     when causal) cost O(L·D), so A is one product ``(phi(Q) / den) phi(K)ᵀ``.
@@ -197,7 +197,7 @@ def linear_attention(
     need_weights: bool = True,
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Kernel attention of SPEC §2 on heads.
+    """Kernel attention (the formula above) on heads.
 
     Args:
       q, k, v: ``(B, H, L, D)``.

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from ._validation import validate_positive
-from .masks import local_mask
+from .masks import window_keep
 from .sparse import TiledSelfAttention, Tiling, merge_tiles, pad_positions
 
 __all__ = ["LocalSelfAttention", "LocalTiling", "local_tiling"]
@@ -25,7 +25,11 @@ class LocalTiling(Tiling):
     from the keys (only the end tiles' windows are padded).
     """
 
-    half: int
+    window_size: int
+
+    @property
+    def half(self) -> int:
+        return self.window_size // 2
 
     def query_tiles(self, x: jax.Array, tiles: slice) -> jax.Array:
         chunk = self.queries.shape[1]
@@ -50,7 +54,7 @@ class LocalTiling(Tiling):
             queries, keys = queries[:1], keys[:1]
         rows, cols = queries[:, :, None], keys[:, None, :]
         keep = (
-            (jnp.abs(rows - cols) <= self.half)
+            window_keep(rows, cols, self.window_size)
             & (cols >= 0)
             & (cols < self.length)
             & (rows < self.length)
@@ -77,7 +81,7 @@ def local_tiling(length: int, window_size: int, *, is_causal: bool) -> LocalTili
     # tiles whose window starts before 0 or ends after L - 1
     front = min(-(-half // chunk), tiles)
     back = min(tiles - max(0, -(-(length + half - width + 1) // chunk)), tiles - front)
-    return LocalTiling(queries, keys, length, edges=(front, back), half=half)
+    return LocalTiling(queries, keys, length, edges=(front, back), window_size=window_size)
 
 
 class LocalSelfAttention(TiledSelfAttention):
@@ -104,9 +108,6 @@ class LocalSelfAttention(TiledSelfAttention):
 
     def head_counts(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads
-
-    def pattern(self, length: int) -> jax.Array:
-        return local_mask(length, self.window_size)
 
     def tiling(self, length: int, *, is_causal: bool) -> LocalTiling:
         return local_tiling(length, self.window_size, is_causal=is_causal)

@@ -1,4 +1,4 @@
-"""Keep-mask builders (SPEC §4): ``True`` means "query i may attend to key j".
+"""Keep-mask builders (docs/semantics.md, "Masks"): ``True`` means "may attend".
 
 Shape legend (the whole project): B batch, L length, H query heads, K kv heads,
 D head width, E model width.
@@ -22,15 +22,34 @@ __all__ = [
 ]
 
 
-def _offsets(length: int) -> jax.Array:
-    """``(L, L)`` matrix of ``i - j`` (query minus key position)."""
+def window_keep(queries: jax.Array, keys: jax.Array, window_size: int) -> jax.Array:
+    """Local attention's rule on positions (broadcasting): ``abs(i - j) <= window_size // 2``.
+
+    The one statement of the pattern: ``local_mask`` and the local tiles both use it.
+    """
+    return abs(queries - keys) <= window_size // 2
+
+
+def dilation_keep(queries: jax.Array, keys: jax.Array, dilation_rate: int) -> jax.Array:
+    """Dilated attention's rule on positions: ``(i - j) % dilation_rate == 0``."""
+    return (queries - keys) % dilation_rate == 0
+
+
+def block_keep(queries: jax.Array, keys: jax.Array, block_size: int) -> jax.Array:
+    """Block attention's rule on positions: ``i // block_size == j // block_size``."""
+    return queries // block_size == keys // block_size
+
+
+def _positions(length: int) -> tuple[jax.Array, jax.Array]:
+    """Query positions ``(L, 1)`` and key positions ``(1, L)`` of a self-attention call."""
     pos = jnp.arange(length)
-    return pos[:, None] - pos[None, :]
+    return pos[:, None], pos[None, :]
 
 
 def causal_mask(length: int) -> jax.Array:
     """``(L, L)``: key j visible from query i iff ``j <= i``."""
-    return _offsets(length) >= 0
+    queries, keys = _positions(length)
+    return keys <= queries
 
 
 def padding_mask(lengths: jax.Array, length: int) -> jax.Array:
@@ -42,20 +61,19 @@ def padding_mask(lengths: jax.Array, length: int) -> jax.Array:
 def local_mask(length: int, window_size: int) -> jax.Array:
     """``(L, L)``: visible iff ``abs(i - j) <= window_size // 2``."""
     validate_positive("window_size", window_size)
-    return jnp.abs(_offsets(length)) <= window_size // 2
+    return window_keep(*_positions(length), window_size)
 
 
 def dilated_mask(length: int, dilation_rate: int) -> jax.Array:
     """``(L, L)``: visible iff ``(i - j) % dilation_rate == 0``."""
     validate_positive("dilation_rate", dilation_rate)
-    return _offsets(length) % dilation_rate == 0
+    return dilation_keep(*_positions(length), dilation_rate)
 
 
 def block_mask(length: int, block_size: int) -> jax.Array:
     """``(L, L)``: visible iff ``i // block_size == j // block_size``."""
     validate_positive("block_size", block_size)
-    block = jnp.arange(length) // block_size
-    return block[:, None] == block[None, :]
+    return block_keep(*_positions(length), block_size)
 
 
 def combine_masks(*masks: jax.Array | None) -> jax.Array | None:

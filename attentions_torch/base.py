@@ -1,7 +1,8 @@
 """The pipeline every layer shares: project, split heads, RoPE, attend, merge, project out.
 
-A mechanism is a subclass that names its pattern (``pattern``) and, where it pays, its
-own fast kernel (``attend``). Shape legend: B batch, L length, H query heads, K kv heads,
+A mechanism is a subclass: the dense ones differ only in their head counts and core
+options (ALiBi's slopes); the sparse ones compute their pattern on tiles in their own
+``attend`` (``sparse.py``). Shape legend: B batch, L length, H query heads, K kv heads,
 D head width, E model width.
 """
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from ._validation import validate_heads, validate_input, validate_options
 from .functional import dot_product_attention, merge_heads, split_heads
-from .masks import as_keep_mask, combine_masks
+from .masks import as_keep_mask
 from .rope import apply_rope
 
 __all__ = ["SelfAttention"]
@@ -24,7 +25,7 @@ __all__ = ["SelfAttention"]
 class SelfAttention(nn.Module):
     """Dense softmax self-attention with ``num_heads`` query and ``num_kv_heads`` kv heads.
 
-    The concrete classes fix the head counts and the pattern; see SPEC §2 and the README.
+    The concrete classes fix the head counts and the pattern; see docs/semantics.md.
     Parameters: ``w_q`` (input_dim -> H*D), ``w_k``/``w_v`` (input_dim -> K*D), ``w_o``
     (E -> E), Xavier-uniform weights, zero biases.
     """
@@ -76,10 +77,6 @@ class SelfAttention(nn.Module):
         """Score scale ``1 / (sqrt(D) * temperature)``."""
         return 1.0 / (math.sqrt(self.d_head) * self.temperature)
 
-    def pattern(self, length: int, device: torch.device) -> Tensor | None:
-        """The mechanism's own ``(L, L)`` keep pattern; ``None`` for dense attention."""
-        return None
-
     def attend(
         self,
         q: Tensor,
@@ -92,15 +89,14 @@ class SelfAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """Core attention on heads: q ``(B, H, L, D)``, k/v ``(B, K, L, D)``.
 
-        ``mask`` is the caller's rank-4 keep-mask (or ``None``); the mechanism ANDs its
-        pattern in. Mechanisms with a compact fast path override this.
+        ``mask`` is the caller's rank-4 keep-mask (or ``None``). Mechanisms with a pattern
+        of their own override this with a compact kernel (``sparse.py``, ``linear.py``).
         """
-        keep = combine_masks(self.pattern(q.shape[2], q.device), mask)
         return dot_product_attention(
             q,
             k,
             v,
-            keep,
+            mask,
             **self.core_options(q.device),
             is_causal=is_causal,
             scale=self.scale,

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from ._validation import validate_positive
-from .masks import block_mask
 from .sparse import AlignedTiling, TiledSelfAttention, merge_tiles, pad_positions
 
 __all__ = ["BlockSelfAttention", "BlockTiling", "block_tiling"]
@@ -58,9 +57,6 @@ class BlockSelfAttention(TiledSelfAttention):
         validate_positive("block_size", block_size)
         super().__init__(d_model, num_heads, num_heads, **options)
         self.block_size = block_size
-
-    def pattern(self, length: int, device: torch.device) -> Tensor:
-        return block_mask(length, self.block_size, device)
 
     def tiling(self, length: int, *, is_causal: bool, device: torch.device) -> BlockTiling:
         return block_tiling(length, self.block_size, device)

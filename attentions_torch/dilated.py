@@ -10,7 +10,6 @@ from torch import Tensor
 
 from ._validation import validate_positive
 from .block import block_tiling
-from .masks import dilated_mask
 from .sparse import AlignedTiling, TiledSelfAttention, merge_tiles, pad_positions
 
 __all__ = ["DilatedSelfAttention", "DilatedTiling", "dilated_tiling"]
@@ -70,9 +69,6 @@ class DilatedSelfAttention(TiledSelfAttention):
         validate_positive("dilation_rate", dilation_rate)
         super().__init__(d_model, num_heads, num_heads, **options)
         self.dilation_rate = dilation_rate
-
-    def pattern(self, length: int, device: torch.device) -> Tensor:
-        return dilated_mask(length, self.dilation_rate, device)
 
     def tiling(self, length: int, *, is_causal: bool, device: torch.device) -> AlignedTiling:
         return dilated_tiling(length, self.dilation_rate, device)

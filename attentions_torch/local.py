@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._validation import validate_positive
-from .masks import local_mask
+from .masks import window_keep
 from .sparse import TiledSelfAttention, Tiling, merge_tiles, pad_positions
 
 __all__ = ["LocalSelfAttention", "LocalTiling", "local_tiling"]
@@ -26,7 +26,11 @@ class LocalTiling(Tiling):
     view of the keys, so no key is copied per tile (only the end tiles' windows, padded).
     """
 
-    half: int
+    window_size: int
+
+    @property
+    def half(self) -> int:
+        return self.window_size // 2
 
     def query_tiles(self, x: Tensor, tiles: slice) -> Tensor:
         chunk = self.queries.shape[1]
@@ -56,7 +60,7 @@ class LocalTiling(Tiling):
             queries, keys = queries[:1], keys[:1]
         rows, cols = queries[:, :, None], keys[:, None, :]
         keep = (
-            ((rows - cols).abs() <= self.half)
+            window_keep(rows, cols, self.window_size)
             & (cols >= 0)
             & (cols < self.length)
             & (rows < self.length)
@@ -85,7 +89,7 @@ def local_tiling(
     # tiles whose window starts before 0 or ends after L - 1
     front = min(-(-half // chunk), tiles)
     back = min(tiles - max(0, -(-(length + half - width + 1) // chunk)), tiles - front)
-    return LocalTiling(queries, keys, length, edges=(front, back), half=half)
+    return LocalTiling(queries, keys, length, edges=(front, back), window_size=window_size)
 
 
 class LocalSelfAttention(TiledSelfAttention):
@@ -106,9 +110,6 @@ class LocalSelfAttention(TiledSelfAttention):
         validate_positive("window_size", window_size)
         super().__init__(d_model, num_heads, num_heads, **options)
         self.window_size = window_size
-
-    def pattern(self, length: int, device: torch.device) -> Tensor:
-        return local_mask(length, self.window_size, device)
 
     def tiling(self, length: int, *, is_causal: bool, device: torch.device) -> LocalTiling:
         return local_tiling(length, self.window_size, is_causal=is_causal, device=device)

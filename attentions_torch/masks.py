@@ -1,4 +1,4 @@
-"""Keep-mask builders (SPEC §4): ``True`` means "query i may attend to key j".
+"""Keep-mask builders (docs/semantics.md, "Masks"): ``True`` means "may attend".
 
 Shape legend (the whole project): B batch, L length, H query heads, K kv heads,
 D head width, E model width.
@@ -22,15 +22,34 @@ __all__ = [
 ]
 
 
-def _offsets(length: int, device: torch.device | str | None) -> Tensor:
-    """``(L, L)`` matrix of ``i - j`` (query minus key position)."""
+def window_keep(queries: Tensor, keys: Tensor, window_size: int) -> Tensor:
+    """Local attention's rule on positions (broadcasting): ``abs(i - j) <= window_size // 2``.
+
+    The one statement of the pattern: ``local_mask`` and the local tiles both use it.
+    """
+    return abs(queries - keys) <= window_size // 2
+
+
+def dilation_keep(queries: Tensor, keys: Tensor, dilation_rate: int) -> Tensor:
+    """Dilated attention's rule on positions: ``(i - j) % dilation_rate == 0``."""
+    return (queries - keys) % dilation_rate == 0
+
+
+def block_keep(queries: Tensor, keys: Tensor, block_size: int) -> Tensor:
+    """Block attention's rule on positions: ``i // block_size == j // block_size``."""
+    return queries // block_size == keys // block_size
+
+
+def _positions(length: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Query positions ``(L, 1)`` and key positions ``(1, L)`` of a self-attention call."""
     pos = torch.arange(length, device=device)
-    return pos[:, None] - pos[None, :]
+    return pos[:, None], pos[None, :]
 
 
 def causal_mask(length: int, device: torch.device | str | None = None) -> Tensor:
     """``(L, L)``: key j visible from query i iff ``j <= i``."""
-    return _offsets(length, device) >= 0
+    queries, keys = _positions(length, device)
+    return keys <= queries
 
 
 def padding_mask(lengths: Tensor, length: int) -> Tensor:
@@ -42,7 +61,7 @@ def padding_mask(lengths: Tensor, length: int) -> Tensor:
 def local_mask(length: int, window_size: int, device: torch.device | str | None = None) -> Tensor:
     """``(L, L)``: visible iff ``abs(i - j) <= window_size // 2``."""
     validate_positive("window_size", window_size)
-    return _offsets(length, device).abs() <= window_size // 2
+    return window_keep(*_positions(length, device), window_size)
 
 
 def dilated_mask(
@@ -50,14 +69,13 @@ def dilated_mask(
 ) -> Tensor:
     """``(L, L)``: visible iff ``(i - j) % dilation_rate == 0``."""
     validate_positive("dilation_rate", dilation_rate)
-    return _offsets(length, device) % dilation_rate == 0
+    return dilation_keep(*_positions(length, device), dilation_rate)
 
 
 def block_mask(length: int, block_size: int, device: torch.device | str | None = None) -> Tensor:
     """``(L, L)``: visible iff ``i // block_size == j // block_size``."""
     validate_positive("block_size", block_size)
-    block = torch.arange(length, device=device) // block_size
-    return block[:, None] == block[None, :]
+    return block_keep(*_positions(length, device), block_size)
 
 
 def combine_masks(*masks: Tensor | None) -> Tensor | None:

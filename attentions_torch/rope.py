@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoPE), SPEC §2.
+"""Rotary position embedding (RoPE), as docs/semantics.md states it.
 
 Inverse frequencies ``rope_base ** (-2i / D)`` for i = 0..D/2-1, positions 0..L-1. The
 tables are computed in float64 and the rotation runs in float32 or wider, then is cast

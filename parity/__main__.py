@@ -1,9 +1,10 @@
-"""``python -m parity``: the cross-framework parity report on CPU.
+"""``python -m parity``: the cross-framework parity report (CPU, or ``--device``).
 
 For every mechanism, dtype and mask it builds the PyTorch layer, moves its weights to the
 Flax twin, runs both, and prints the largest error of the output, the attention weights,
-the input gradient and the parameter gradients, with PASS/FAIL against SPEC §6. Exits 1
-on any FAIL.
+the input gradient and the parameter gradients, with PASS/FAIL against the tolerances of
+docs/semantics.md. Exits 1 on any FAIL. float32 and bfloat16 rows run in JAX's default
+mode; float64 rows turn on 64-bit mode for their own comparison only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .check import DTYPES, Report, compare_layers, enable_x64
+from . import devices
+from .check import DTYPES, Report, compare_layers
 from .mechanisms import MECHANISMS, Mechanism
 
 MASKS = ("none", "causal", "padding")
@@ -51,10 +53,10 @@ def _row(mechanism: Mechanism, dtype: str, mask_kind: str, report: Report) -> di
     }
 
 
-def run(mechanisms: list[str], dtypes: list[str], progress: bool = True) -> list[dict[str, Any]]:
-    """Compare every (mechanism, dtype, mask) and return one result row for each."""
-    if "float64" in dtypes:
-        enable_x64()
+def run(
+    mechanisms: list[str], dtypes: list[str], progress: bool = True, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    """Compare every (mechanism, dtype, mask) on ``device`` and return one row for each."""
     cases = [(m, d, k) for m in MECHANISMS if m.name in mechanisms for d in dtypes for k in MASKS]
     rows = []
     for mechanism, dtype, mask_kind in tqdm(cases, desc="parity", disable=not progress):
@@ -67,6 +69,7 @@ def run(mechanisms: list[str], dtypes: list[str], progress: bool = True) -> list
             mask,
             is_causal=is_causal,
             dtype=dtype,
+            device=device,
         )
         rows.append(_row(mechanism, dtype, mask_kind, report))
     return rows
@@ -104,10 +107,23 @@ def main(argv: list[str] | None = None) -> int:
         choices=DTYPES,
         help="only this dtype (repeatable); default: all",
     )
+    parser.add_argument(
+        "--device",
+        choices=devices.DEVICES,
+        default="cpu",
+        help="where the frameworks run: cpu (default); cuda or gpu (the same: both on the GPU); "
+        "tpu (JAX on the TPU against PyTorch on the CPU). An absent device is an error",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-': stdout)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    rows = run(args.mechanism or names, args.dtype or list(DTYPES), not args.no_progress)
+    try:
+        devices.require(args.device, devices.frameworks_on(args.device))
+    except devices.DeviceUnavailableError as error:
+        parser.error(str(error))
+    rows = run(
+        args.mechanism or names, args.dtype or list(DTYPES), not args.no_progress, args.device
+    )
     if args.json == "-":
         json.dump(rows, sys.stdout, indent=2)
         print()

@@ -1,9 +1,9 @@
-"""Compare a PyTorch layer and a Flax layer number by number (SPEC §6).
+"""Compare a PyTorch layer and a Flax layer number by number (docs/semantics.md, "Tolerances").
 
 ``compare_layers`` moves the PyTorch layer's weights into the Flax layer, runs both on
 the same input in the requested dtype, backpropagates the same scalar loss through both
 and reports, for the output, the attention weights, the input gradient and the gradient
-of every parameter, the maximum absolute error and its ratio to the SPEC §6 allowance
+of every parameter, the maximum absolute error and its ratio to its allowance
 (PASS iff every ratio is <= 1):
 
 ==========  ============================================================
@@ -18,12 +18,26 @@ In bfloat16 the parameter gradients share one scale, the largest over all of the
 gradient an optimizer sees is one vector, and some entries are zero in exact arithmetic
 (softmax ignores ``w_k.bias``, which adds ``q·b`` to a whole row of scores), so their own
 float32 scale is rounding noise.
+
+Both sides must have the same quantities. The converted weights are checked against the
+Flax layer's own parameters (the shapes its ``init`` would give, read with
+``jax.eval_shape``): a parameter of one layer only does not stop the run (one the Flax
+layer lacks is left out of its params; one the PyTorch layer lacks is taken from the Flax
+layer's ``init`` so it still runs), but it fails the report with a ``Comparison`` named
+e.g. ``"grad w_x.weight (Flax only)"``, with ``ratio = inf`` and ``missing = "Flax only"``;
+so does an output, attention weights or gradient that one side returns and the other does
+not. Mis-shaped parameters (different configurations) raise a ``ConversionError``.
+
+``dtype="float64"`` runs under ``jax.enable_x64(True)`` for the duration of the call
+only: JAX's 64-bit flag is the caller's again afterwards, on or off. float32 and
+bfloat16 leave it alone and work either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .convert import flax_to_numpy_state, torch_to_flax
+from . import devices
+from .convert import ConversionError, _flatten, _unflatten, flax_to_numpy_state, torch_to_flax
 
 __all__ = ["DTYPES", "Comparison", "Report", "compare_layers", "enable_x64"]
 
@@ -44,21 +59,48 @@ _JAX_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.b
 
 
 def enable_x64() -> None:
-    """Turn on JAX's 64-bit mode (float64 parity needs it; a process-wide setting)."""
+    """Turn on JAX's 64-bit mode for the rest of the process (all threads, all code).
+
+    ``compare_layers`` does not need it (it scopes 64-bit mode to a float64 comparison);
+    call it to convert float64 weights with ``torch_to_flax`` or to run float64 Flax code
+    yourself, or use ``with jax.enable_x64(True):`` to keep the change local.
+    """
     jax.config.update("jax_enable_x64", True)
+
+
+@contextlib.contextmanager
+def _x64_scope() -> Iterator[None]:
+    """JAX's 64-bit mode on inside the block, the caller's setting restored after it."""
+    scoped = getattr(jax, "enable_x64", None)  # a thread-local context manager (newer JAX)
+    if scoped is not None:
+        with scoped(True):
+            yield
+        return
+    before = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One compared quantity: ``name`` ("output", "weights", "grad x", "grad w_q.weight")."""
+    """One compared quantity: ``name`` ("output", "weights", "grad x", "grad w_q.weight").
+
+    ``missing`` is ``None`` when both sides have the quantity, else ``"PyTorch only"`` or
+    ``"Flax only"``: then the name ends in ``" (PyTorch only)"`` / ``" (Flax only)"``,
+    ``max_abs`` and ``ratio`` are ``inf`` and the comparison fails.
+    """
 
     name: str
     max_abs: float
     ratio: float
+    missing: str | None = None
 
     @property
     def passed(self) -> bool:
-        return bool(self.ratio <= 1.0)
+        return self.missing is None and bool(self.ratio <= 1.0)
 
 
 @dataclass
@@ -71,6 +113,11 @@ class Report:
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.comparisons)
+
+    @property
+    def missing(self) -> list[Comparison]:
+        """The quantities that only one side has (each fails the report)."""
+        return [c for c in self.comparisons if c.missing is not None]
 
     def get(self, name: str) -> Comparison | None:
         return next((c for c in self.comparisons if c.name == name), None)
@@ -106,25 +153,33 @@ def _run_torch(
     dtype: str,
     call: Mapping,
     compile: bool = False,
+    device: str = "cpu",
 ) -> dict[str, np.ndarray]:
-    """Forward + backward of ``sum(out * g) + sum(weights * g')`` in ``dtype``."""
-    tdtype = _TORCH_DTYPES[dtype]
-    layer = copy.deepcopy(layer).to(tdtype).eval()
-    xt = torch.tensor(x, dtype=tdtype, requires_grad=True)
-    mt = None if mask is None else torch.tensor(mask)
+    """Forward + backward of ``sum(out * g) + sum(weights * g')`` in ``dtype`` on ``device``."""
+    tdtype, where = _TORCH_DTYPES[dtype], devices.torch_device(device)
+    layer = copy.deepcopy(layer).to(device=where, dtype=tdtype).eval()
+    xt = torch.tensor(x, dtype=tdtype, device=where, requires_grad=True)
+    mt = None if mask is None else torch.tensor(mask, device=where)
     out, weights = (torch.compile(layer) if compile else layer)(xt, mt, **call)
     acc = torch.promote_types(tdtype, torch.float32)
-    loss = (out.to(acc) * torch.tensor(_cotangent(out.shape, 1), dtype=acc)).sum()
+
+    def cotangent(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        return torch.tensor(_cotangent(shape, seed), dtype=acc, device=where)
+
+    loss = (out.to(acc) * cotangent(out.shape, 1)).sum()
     if weights is not None:
-        loss = (
-            loss + (weights.to(acc) * torch.tensor(_cotangent(weights.shape, 2), dtype=acc)).sum()
-        )
+        loss = loss + (weights.to(acc) * cotangent(weights.shape, 2)).sum()
     loss.backward()
     result = {"output": out, "grad x": xt.grad}
     if weights is not None:
         result["weights"] = weights
-    result.update({f"grad {n}": p.grad for n, p in layer.named_parameters()})
-    return {k: v.detach().to(torch.float64).numpy() for k, v in result.items()}
+    result.update(  # a parameter the loss does not reach has a zero gradient
+        {
+            f"grad {n}": torch.zeros_like(p) if p.grad is None else p.grad
+            for n, p in layer.named_parameters()
+        }
+    )
+    return {k: v.detach().to(torch.float64).cpu().numpy() for k, v in result.items()}
 
 
 def _run_flax(
@@ -166,6 +221,47 @@ def _run_flax(
     }
 
 
+def _flax_params(
+    torch_layer: nn.Module,
+    flax_layer: fnn.Module,
+    x: np.ndarray,
+    mask: np.ndarray | None,
+    dtype: str,
+    call: Mapping,
+) -> dict[str, Any]:
+    """The PyTorch layer's weights as the Flax layer's params, in ``dtype``.
+
+    Checked against the Flax layer's own parameters (``init``'s shapes, traced, not run):
+    an entry the Flax layer does not have is dropped, one it has and the PyTorch layer
+    lacks comes from ``init`` (those are reported as one-sided by the comparison of the
+    gradients); a mis-shaped entry raises a ``ConversionError``.
+    """
+    jdtype = _JAX_DTYPES[dtype]
+    xj = jnp.asarray(x, dtype=jdtype)
+    mj = None if mask is None else jnp.asarray(mask)
+
+    def init():
+        return flax_layer.init(jax.random.key(0), xj, mj, **call)["params"]
+
+    converted = _flatten(torch_to_flax(copy.deepcopy(torch_layer).to(_TORCH_DTYPES[dtype])))
+    expected = _flatten(jax.eval_shape(init))
+    misshaped = sorted(
+        f"{'/'.join(k)}: Flax layer {tuple(expected[k].shape)}, PyTorch layer "
+        f"{tuple(converted[k].shape)}"
+        for k in set(converted) & set(expected)
+        if tuple(converted[k].shape) != tuple(expected[k].shape)
+    )
+    if misshaped:
+        raise ConversionError(
+            "the layers' parameters have different shapes: " + "; ".join(misshaped)
+        )
+    params = {k: v for k, v in converted.items() if k in expected}
+    if set(expected) - set(converted):
+        initial = _flatten(init())
+        params.update({k: initial[k].astype(jdtype) for k in expected if k not in converted})
+    return _unflatten(params)
+
+
 def compare_layers(
     torch_layer: nn.Module,
     flax_layer: fnn.Module,
@@ -177,6 +273,7 @@ def compare_layers(
     dtype: str = "float32",
     jit: bool = False,
     compile: bool = False,
+    device: str = "cpu",
 ) -> Report:
     """Run both layers with the PyTorch layer's weights and compare everything.
 
@@ -186,33 +283,56 @@ def compare_layers(
       x: ``(B, L, input_dim)`` input, any float dtype (cast to ``dtype`` on both sides).
       mask: optional keep-mask (NumPy), passed to both layers.
       is_causal, need_weights: forwarded to both layers.
-      dtype: ``"float64"``, ``"float32"`` or ``"bfloat16"``; float64 turns on JAX's
-        64-bit mode.
+      dtype: ``"float64"``, ``"float32"`` or ``"bfloat16"``; float64 runs under
+        ``jax.enable_x64(True)`` for this call only (JAX's 64-bit flag is restored after
+        it); the others work with 64-bit mode on or off.
       jit: run the Flax side under ``jax.jit``.
       compile: run the PyTorch side under ``torch.compile``.
+      device: ``"cpu"``, ``"cuda"``/``"gpu"`` (PyTorch on CUDA, JAX on its GPU backend)
+        or ``"tpu"`` (JAX on the TPU against PyTorch on the CPU); see ``parity.devices``.
+        The results come back to the host to be compared.
 
     Returns:
-      A ``Report`` of output, weights, input-gradient and parameter-gradient errors.
+      A ``Report`` of output, weights, input-gradient and parameter-gradient errors. A
+      quantity (a parameter's gradient, the attention weights) that only one side has
+      is a failing ``Comparison`` named ``"<name> (PyTorch only)"`` or
+      ``"<name> (Flax only)"`` (see ``Comparison.missing``).
+
+    Raises:
+      ConversionError: a parameter both layers have differs in shape, or the PyTorch
+        layer has an entry without a conversion rule.
+      DeviceUnavailableError: ``device`` is not on this machine for both frameworks.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if dtype == "float64":
-        enable_x64()
-    x = np.asarray(x, np.float64)
-    call = {"is_causal": is_causal, "need_weights": need_weights}
-    ours = copy.deepcopy(torch_layer).to(_TORCH_DTYPES[dtype])
-    params = torch_to_flax(ours)
-    reference = _run_torch(torch_layer, x, mask, dtype, call, compile)
-    theirs = _run_flax(flax_layer, params, x, mask, dtype, call, jit)
-    scales = {}
-    if dtype == "bfloat16":
-        scales = {
-            k: float(np.abs(v).max(initial=0.0))
-            for k, v in _run_torch(torch_layer, x, mask, "float32", call).items()
-        }
-        grad_scale = max((v for k, v in scales.items() if k.startswith("grad w")), default=0.0)
-        scales.update({k: grad_scale for k in scales if k.startswith("grad w")})
+    placed = devices.require(device, devices.frameworks_on(device))
+    torch_device = device if "torch" in placed else "cpu"  # a TPU: PyTorch on the CPU
+    x64 = _x64_scope() if dtype == "float64" else contextlib.nullcontext()
+    with x64, jax.default_device(placed["jax"]):
+        x = np.asarray(x, np.float64)
+        call = {"is_causal": is_causal, "need_weights": need_weights}
+        params = _flax_params(torch_layer, flax_layer, x, mask, dtype, call)
+        reference = _run_torch(torch_layer, x, mask, dtype, call, compile, torch_device)
+        theirs = _run_flax(flax_layer, params, x, mask, dtype, call, jit)
+        scales = {}
+        if dtype == "bfloat16":
+            scales = {
+                k: float(np.abs(v).max(initial=0.0))
+                for k, v in _run_torch(
+                    torch_layer, x, mask, "float32", call, device=torch_device
+                ).items()
+            }
+            grad_scale = max((v for k, v in scales.items() if k.startswith("grad w")), default=0.0)
+            scales.update({k: grad_scale for k in scales if k.startswith("grad w")})
     report = Report(dtype)
+    inf = float("inf")
     for name, ref in reference.items():
-        report.comparisons.append(_compare(name, ref, theirs[name], dtype, scales.get(name, 0.0)))
+        if name in theirs:
+            comparison = _compare(name, ref, theirs[name], dtype, scales.get(name, 0.0))
+        else:
+            comparison = Comparison(f"{name} (PyTorch only)", inf, inf, "PyTorch only")
+        report.comparisons.append(comparison)
+    for name in theirs:
+        if name not in reference:
+            report.comparisons.append(Comparison(f"{name} (Flax only)", inf, inf, "Flax only"))
     return report

@@ -1,21 +1,50 @@
-"""Move weights between a PyTorch ``state_dict`` and Flax ``params`` (SPEC §5).
+"""Move weights between a PyTorch ``state_dict`` and Flax ``params`` (docs/semantics.md).
 
 The generic rules, which also cover users' own models built from these layers:
 
-=====================  =======================  =========================
-PyTorch                Flax                     tensor
-=====================  =======================  =========================
-``Linear.weight``      ``Dense.kernel``         ``(out, in)`` ↔ ``(in, out)``
-``Linear.bias``        ``Dense.bias``           unchanged
-``LayerNorm.weight``   ``LayerNorm.scale``      unchanged
-``Embedding.weight``   ``Embed.embedding``      unchanged
-=====================  =======================  =========================
+=========================  ==========================  ====================================
+PyTorch                    Flax                        tensor
+=========================  ==========================  ====================================
+``Linear.weight``          ``Dense.kernel``            ``(out, in)`` ↔ ``(in, out)``
+``Conv1d.weight``          ``Conv.kernel``             ``(out, in, k)`` ↔ ``(k, in, out)``
+``Conv2d.weight``          ``Conv.kernel``             ``(out, in, kh, kw)`` ↔
+                                                       ``(kh, kw, in, out)``
+``Conv3d.weight``          ``Conv.kernel``             spatial axes first, then in, out
+``LayerNorm.weight``       ``LayerNorm.scale``         unchanged
+``RMSNorm.weight``         ``RMSNorm.scale``           unchanged
+``GroupNorm.weight``       ``GroupNorm.scale``         unchanged
+``Embedding.weight``       ``Embed.embedding``         unchanged
+``<any of these>.bias``    ``bias``                    unchanged
+=========================  ==========================  ====================================
 
-Module paths map ``a.b.0.c`` ↔ ``{"a": {"b_0": {"c": ...}}}`` (Flax names list
-submodules ``b_0``). Values are copied bit for bit (a transpose moves values, it does not
-round them), so a round trip is exact in every dtype. From a bare ``state_dict`` a 2-D
-``weight`` is read as a ``Linear`` and a 1-D one as a ``LayerNorm``; pass the module
-itself to convert an ``Embedding``.
+A convolution's ``in`` is ``in_channels / groups`` in both frameworks
+(``feature_group_count`` in Flax); padding, stride and dilation are the layer's
+configuration, not its weights, and are the user's to match (PyTorch's ``padding=p`` is
+Flax's ``padding=((p, p),)``). Module paths map ``a.b.0.c`` ↔
+``{"a": {"b_0": {"c": ...}}}`` (Flax names list submodules ``b_0``). Values are copied bit
+for bit (a transpose moves values, it does not round them), so a round trip is exact in
+every dtype.
+
+How the rule for a ``weight`` is chosen, PyTorch to Flax:
+
+* from a module (``torch_to_flax(module)``): by the type of the submodule that owns it
+  (subclasses included). Every ``state_dict`` entry must be covered: a parameter of any
+  other module type (``BatchNorm*``, ``ConvTranspose*``, ``MultiheadAttention``'s
+  ``in_proj_weight``, a bare ``nn.Parameter`` on a custom module, ...) and every persistent
+  buffer (``BatchNorm``'s ``running_mean``, ...) raise a ``ConversionError`` that names
+  it. Non-persistent buffers are not in a ``state_dict`` and are not converted.
+* from a bare ``state_dict`` with ``like=`` Flax params (``torch_to_flax(sd, like=...)``,
+  ``parity.load_flax_params(path, like=...)``): by the leaf at the same path in ``like``
+  (a 2-D ``kernel``: Dense; a 3-D or larger ``kernel``: Conv; ``scale``; ``embedding``);
+  a key that ``like`` does not have falls back to the next rule.
+* from a bare ``state_dict`` alone: a 2-D ``weight`` is a ``Linear`` and a 1-D one a
+  norm's scale; any other rank is ambiguous (a convolution? a 2-D LayerNorm?) and raises
+  a ``ConversionError`` naming the key: pass the module, or ``like=``. An ``Embedding``
+  needs the module or ``like=`` (read bare, it would be transposed as a ``Linear``).
+
+Flax to PyTorch needs no types: a ``kernel`` of rank 2 is a ``Dense`` kernel, of rank 3 or
+more a ``Conv`` kernel (so a ``DenseGeneral`` kernel, rank 3+, does not convert), and
+``scale`` and ``embedding`` become ``weight``.
 """
 
 from __future__ import annotations
@@ -41,9 +70,15 @@ __all__ = [
 
 _LIST_INDEX = re.compile(r"^(.+)_(\d+)$")
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = tuple(
+    t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupNorm) if t is not None
+)
+_SUPPORTED = "Linear, Conv1d/2d/3d, LayerNorm, RMSNorm, GroupNorm and Embedding"
+
 
 class ConversionError(ValueError):
-    """Raised when entries are missing, unexpected or of the wrong shape."""
+    """Raised when entries are missing, unexpected, mis-shaped or have no conversion rule."""
 
 
 def _torch_to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -60,18 +95,44 @@ def _numpy_to_torch(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a.copy())
 
 
+def _rule(module: nn.Module) -> dict[str, str] | None:
+    """``{leaf: kind}`` for a module type with a rule, else ``None``."""
+    if isinstance(module, nn.Linear):
+        return {"weight": "linear", "bias": "bias"}
+    if isinstance(module, _CONVS):
+        return {"weight": "conv", "bias": "bias"}
+    if isinstance(module, _NORMS):
+        return {"weight": "scale", "bias": "bias"}
+    if isinstance(module, nn.Embedding):
+        return {"weight": "embedding"}
+    return None
+
+
 def _module_kinds(module: nn.Module) -> dict[str, str]:
-    """``{"path.weight": "linear" | "layernorm" | "embedding"}`` from the module tree."""
+    """``{"path.leaf": kind}`` for every parameter of a module type that has a rule."""
     kinds = {}
-    for path, sub in module.named_modules():
+    for path, sub in module.named_modules(remove_duplicate=False):
+        rule = _rule(sub)
+        if rule is None:
+            continue
         prefix = f"{path}." if path else ""
-        if isinstance(sub, nn.Linear):
-            kinds[f"{prefix}weight"] = "linear"
-        elif isinstance(sub, nn.LayerNorm):
-            kinds[f"{prefix}weight"] = "layernorm"
-        elif isinstance(sub, nn.Embedding):
-            kinds[f"{prefix}weight"] = "embedding"
+        for leaf, param in sub.named_parameters(recurse=False):
+            if param is not None and leaf in rule:
+                kinds[f"{prefix}{leaf}"] = rule[leaf]
     return kinds
+
+
+def _describe(module: nn.Module, key: str) -> str:
+    """``"'bn.running_mean' (buffer of BatchNorm1d)"`` for an entry without a rule."""
+    path, _, leaf = key.rpartition(".")
+    try:
+        owner = module.get_submodule(path)
+    except AttributeError:
+        return repr(key)
+    what = "buffer" if leaf in dict(owner.named_buffers(recurse=False)) else "entry"
+    if leaf in dict(owner.named_parameters(recurse=False)):
+        what = "parameter"
+    return f"{key!r} ({what} of {type(owner).__name__})"
 
 
 def _flax_path(torch_key: str) -> tuple[str, ...]:
@@ -133,40 +194,105 @@ def _unflatten(flat: Mapping[tuple, Any]) -> dict[str, Any]:
     return tree
 
 
+def _unwrap(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``params`` from ``{"params": params}`` (what ``init`` returns), else unchanged."""
+    return params["params"] if "params" in params and len(params) == 1 else params
+
+
+def _kinds_from_like(keys: list[str], like: Mapping[str, Any]) -> dict[str, str]:
+    """Kinds of ``weight`` keys read off the Flax leaf at the same path in ``like``."""
+    flat = _flatten(_unwrap(like))
+    kinds = {}
+    for key in keys:
+        if key.rsplit(".", 1)[-1] != "weight":
+            continue
+        path = _flax_path(key)
+        if (*path, "kernel") in flat:
+            kinds[key] = "linear" if np.ndim(flat[(*path, "kernel")]) == 2 else "conv"
+        elif (*path, "scale") in flat:
+            kinds[key] = "scale"
+        elif (*path, "embedding") in flat:
+            kinds[key] = "embedding"
+    return kinds
+
+
+def _conv_to_flax(weight: np.ndarray) -> np.ndarray:
+    """``(out, in, *spatial)`` -> ``(*spatial, in, out)``."""
+    return np.ascontiguousarray(np.transpose(weight, (*range(2, weight.ndim), 1, 0)))
+
+
+def _conv_to_torch(kernel: np.ndarray) -> np.ndarray:
+    """``(*spatial, in, out)`` -> ``(out, in, *spatial)``."""
+    n = kernel.ndim
+    return np.ascontiguousarray(np.transpose(kernel, (n - 1, n - 2, *range(n - 2))))
+
+
 def numpy_state_to_flax(
     state: Mapping[str, np.ndarray], kinds: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """Flax ``params`` (NumPy leaves) from a PyTorch-layout ``{key: array}`` mapping."""
+    """Flax ``params`` (NumPy leaves) from a PyTorch-layout ``{key: array}`` mapping.
+
+    ``kinds`` maps ``weight`` keys to a rule, ``"linear"``, ``"conv"``, ``"scale"`` (also
+    spelled ``"layernorm"``) or ``"embedding"`` (what ``torch_to_flax`` reads off the module
+    or ``like``); a ``weight`` without one follows the bare-``state_dict`` rule: 2-D is a
+    ``Linear``, 1-D a norm's scale, any other rank a ``ConversionError``. A
+    ``ConversionError`` names every entry that cannot convert.
+    """
     kinds = kinds or {}
     flat = {}
+    problems = []
     for key, value in state.items():
         path, leaf = _flax_path(key), key.rsplit(".", 1)[-1]
         if leaf == "bias":
             flat[(*path, "bias")] = value
             continue
         if leaf != "weight":
-            raise ConversionError(f"unexpected entry {key!r}: only weight and bias convert")
-        kind = kinds.get(key) or ("linear" if value.ndim == 2 else "layernorm")
-        if kind == "linear":
+            problems.append(f"unexpected entry {key!r}: only weight and bias convert")
+            continue
+        kind = kinds.get(key)
+        if kind is None and value.ndim not in (1, 2):
+            problems.append(
+                f"{key!r}: a {value.ndim}-D weight from a bare state_dict is ambiguous; "
+                f"pass the module so its type can be read (or like= Flax params)"
+            )
+            continue
+        kind = kind or ("linear" if value.ndim == 2 else "scale")
+        if kind == "linear" and value.ndim == 2:
             flat[(*path, "kernel")] = np.ascontiguousarray(value.T)
-        elif kind == "layernorm":
+        elif kind == "conv" and value.ndim >= 3:
+            flat[(*path, "kernel")] = _conv_to_flax(value)
+        elif kind in ("scale", "layernorm"):
             flat[(*path, "scale")] = value
-        else:
+        elif kind == "embedding" and value.ndim == 2:
             flat[(*path, "embedding")] = value
+        else:
+            problems.append(f"{key!r}: a {value.ndim}-D weight cannot be a {kind} weight")
+    if problems:
+        raise ConversionError("; ".join(problems))
     return _unflatten(flat)
 
 
 def flax_to_numpy_state(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """PyTorch-layout ``{key: array}`` from Flax ``params`` (the inverse of the above)."""
-    if "params" in params and len(params) == 1:
-        params = params["params"]
+    """PyTorch-layout ``{key: array}`` from Flax ``params`` (the inverse of the above).
+
+    A ``kernel`` of rank 2 is a ``Dense`` kernel (transposed), of rank 3 or more a ``Conv``
+    kernel (spatial axes moved last); ``scale`` and ``embedding`` become ``weight``.
+    """
+    params = _unwrap(params)
     state = {}
     for path, value in _flatten(params).items():
         value = np.asarray(value)
         module, leaf = _torch_path(path[:-1]), path[-1]
         prefix = f"{module}." if module else ""
-        if leaf == "kernel":
+        if leaf == "kernel" and value.ndim == 2:
             state[f"{prefix}weight"] = np.ascontiguousarray(value.T)
+        elif leaf == "kernel" and value.ndim >= 3:
+            state[f"{prefix}weight"] = _conv_to_torch(value)
+        elif leaf == "kernel":
+            raise ConversionError(
+                f"{'/'.join(path)!r}: a {value.ndim}-D kernel is neither a Dense (2-D) nor a "
+                f"Conv (3-D or more) kernel"
+            )
         elif leaf in ("scale", "embedding"):
             state[f"{prefix}weight"] = value
         elif leaf == "bias":
@@ -185,25 +311,40 @@ def torch_to_flax(
     """Flax ``params`` (``jax.Array`` leaves, same dtypes) from a module or its state_dict.
 
     Args:
-      source: a ``torch.nn.Module`` (types read from it) or a ``state_dict``.
+      source: a ``torch.nn.Module`` (each entry converts by the type of the submodule that
+        owns it; an entry of a type without a rule, or a persistent buffer, raises a
+        ``ConversionError`` naming it) or a ``state_dict`` (rules read off ``like`` where
+        it has the key, else 2-D ``weight``: Linear, 1-D: norm scale, other ranks raise).
       like: optional Flax params (e.g. from ``init``) to check names and shapes against;
         a ``ConversionError`` names every missing, unexpected or mis-shaped entry.
+
+    float64 weights need JAX's 64-bit mode (``jax.enable_x64``).
     """
-    kinds = _module_kinds(source) if isinstance(source, nn.Module) else None
-    state = source.state_dict() if isinstance(source, nn.Module) else source
+    if isinstance(source, nn.Module):
+        state = source.state_dict()
+        kinds = _module_kinds(source)
+        no_rule = [key for key in state if key not in kinds]
+        if no_rule:
+            raise ConversionError(
+                "no conversion rule for "
+                + ", ".join(_describe(source, key) for key in no_rule)
+                + f"; rules exist for the parameters of {_SUPPORTED}"
+            )
+    else:
+        state = source
+        kinds = _kinds_from_like(list(state), like) if like is not None else None
     params = numpy_state_to_flax({k: _torch_to_numpy(v) for k, v in state.items()}, kinds)
     if like is not None:
-        like = like["params"] if "params" in like and len(like) == 1 else like
         _check_against(
             {"/".join(p): np.shape(v) for p, v in _flatten(params).items()},
-            {"/".join(p): np.shape(v) for p, v in _flatten(like).items()},
+            {"/".join(p): np.shape(v) for p, v in _flatten(_unwrap(like)).items()},
             "Flax params do not match",
         )
     flat = _flatten(params)
     if not jax.config.jax_enable_x64 and any(v.dtype == np.float64 for v in flat.values()):
         raise ConversionError(
-            "float64 weights need JAX's 64-bit mode; call "
-            "jax.config.update('jax_enable_x64', True) before converting"
+            "float64 weights need JAX's 64-bit mode; convert inside "
+            "`with jax.enable_x64(True):` or call jax.config.update('jax_enable_x64', True)"
         )
     return _unflatten({p: jnp.asarray(v) for p, v in flat.items()})
 
@@ -214,7 +355,8 @@ def flax_to_torch(
     """A ``state_dict`` for ``load_state_dict`` from Flax ``params`` (or ``{"params": ...}``).
 
     Args:
-      params: Flax params.
+      params: Flax params; a ``kernel`` of rank 2 is a Dense kernel, of rank 3 or more a
+        Conv kernel (see the module docstring).
       like: optional module or state_dict to check names and shapes against; a
         ``ConversionError`` names every missing, unexpected or mis-shaped entry.
     """

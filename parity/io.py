@@ -1,7 +1,8 @@
 """Checkpoints exchanged as safetensors files in the PyTorch layout (never pickle).
 
 A file written from either framework holds ``state_dict`` keys (``w_q.weight`` as
-``(out, in)``), so ``load_state_dict(path)`` and ``load_flax_params(path)`` both read it.
+``(out, in)``, a convolution's weight as ``(out, in, *k)``), so ``load_state_dict(path)``
+and ``load_flax_params(path)`` both read it.
 """
 
 from __future__ import annotations
@@ -41,8 +42,14 @@ def save_flax_params(params: Mapping[str, Any], path: str | os.PathLike) -> None
 def load_flax_params(path: str | os.PathLike, like: Mapping[str, Any] | None = None) -> dict:
     """Read a safetensors file (PyTorch layout) as Flax params.
 
-    ``like``: optional Flax params to check names and shapes against. A 2-D ``weight`` is
-    read as a Dense kernel and a 1-D one as a LayerNorm scale (see ``parity.convert``).
+    A file holds no module types, so each ``weight`` is read by the Flax leaf at the same
+    path in ``like`` where ``like`` (Flax params or ``{"params": ...}``, e.g. from ``init``
+    or ``jax.eval_shape``) has one: a 2-D ``kernel`` (Dense), a 3-D or larger ``kernel``
+    (Conv: ``(out, in, *k)`` becomes ``(*k, in, out)``), a ``scale`` or an
+    ``embedding``. Otherwise the bare ``state_dict`` rules apply: a 2-D ``weight`` is a
+    Dense kernel, a 1-D one a norm's scale, and any other rank raises a
+    ``ConversionError`` naming the key (pass ``like``). With ``like`` the result is also
+    checked against its names and shapes (see ``parity.convert``).
     """
     state = safetensors.numpy.load_file(path)
     return torch_to_flax({k: torch.from_numpy(v) for k, v in state.items()}, like=like)

@@ -1,8 +1,71 @@
-"""Float64 NumPy references, written from the SPEC formulas without sharing library code."""
+"""Float64 NumPy references, written from docs/semantics.md without sharing library code.
+
+Nothing here imports the packages or ``parity``: the patterns, the masks' meaning, the
+ALiBi slopes, RoPE and both attention formulas are written out again, so a bug
+planted identically in both packages still disagrees with them.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+LINEAR_EPS = 1e-6
+"""docs/semantics.md: the ``eps`` of linear attention's normalizer."""
+
+
+def pattern_keep(pattern: str, size: int, length: int) -> np.ndarray:
+    """``(L, L)`` keep pattern of docs/semantics.md for a registry pattern name and its size."""
+    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+    if pattern in ("dense", "alibi", "rope", "linear"):
+        return np.ones((length, length), bool)
+    if pattern == "local":
+        return np.abs(i - j) <= size // 2
+    if pattern == "dilated":
+        return (i - j) % size == 0
+    if pattern == "block":
+        return i // size == j // size
+    raise ValueError(f"no reference pattern for {pattern!r}: write one in tests/reference.py")
+
+
+def keep_mask(
+    length: int,
+    mask: np.ndarray | None = None,
+    is_causal: bool = False,
+    pattern: str = "dense",
+    size: int = 0,
+) -> np.ndarray:
+    """What each query may see, ``(B|1, H|1, L, L)``: pattern AND causal AND mask.
+
+    ``mask`` is a user keep-mask of rank 2 ``(L, L)``, 3 ``(B, L, L)`` or 4; any non-zero
+    number keeps.
+    """
+    keep = pattern_keep(pattern, size, length)[None, None]
+    if is_causal:
+        keep = keep & np.tril(np.ones((length, length), bool))
+    if mask is not None:
+        mask = np.asarray(mask) != 0
+        keep = keep & {2: mask[None, None], 3: mask[:, None], 4: mask}[mask.ndim]
+    return keep
+
+
+def alibi_slopes(heads: int) -> np.ndarray:
+    """docs/semantics.md: ``2 ** (-8 h / H)`` for H a power of two; otherwise the P slopes of the
+    largest power of two P below H, then ``2 ** (-4 k / P)`` for k = 1, 3, 5, ..."""
+    power = 1
+    while power * 2 <= heads:
+        power *= 2
+    slopes = [2.0 ** (-8.0 * h / power) for h in range(1, power + 1)]
+    odd = 1
+    while len(slopes) < heads:
+        slopes.append(2.0 ** (-4.0 * odd / power))
+        odd += 2
+    return np.array(slopes)
+
+
+def alibi_bias(heads: int, length: int) -> np.ndarray:
+    """``(1, H, L, L)`` ALiBi bias ``-m_h * abs(i - j)`` with the slopes above."""
+    distance = np.abs(np.arange(length)[:, None] - np.arange(length)[None, :])
+    return -alibi_slopes(heads)[None, :, None, None] * distance
 
 
 def softmax_attention(
@@ -18,10 +81,7 @@ def softmax_attention(
     Returns ``(out (B, H, L, D), weights (B, H, L, S))`` with zero rows where nothing is
     visible.
     """
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    heads, kv_heads = q.shape[1], k.shape[1]
-    k = np.repeat(k, heads // kv_heads, axis=1)
-    v = np.repeat(v, heads // kv_heads, axis=1)
+    q, k, v = _grouped(q, k, v)
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     scores = np.einsum("bhld,bhsd->bhls", q, k) * scale
     if bias is not None:
@@ -38,6 +98,37 @@ def softmax_attention(
     return np.einsum("bhls,bhsd->bhld", weights, v), weights
 
 
+def linear_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    keep: np.ndarray | None = None,
+    feature_map: str = "elu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """docs/semantics.md, quadratic form: ``A[i, j] = M[i, j] phi(q_i)·phi(k_j) /
+    (sum_j' M[i, j'] phi(q_i)·phi(k_j') + eps)``, out ``A @ V``; shapes as above."""
+    q, k, v = _grouped(q, k, v)
+    if feature_map == "elu":
+        phi = lambda t: np.where(t > 0, t + 1.0, np.exp(np.minimum(t, 0.0)))  # noqa: E731
+    elif feature_map == "relu":
+        phi = lambda t: np.maximum(t, 0.0)  # noqa: E731
+    else:
+        raise ValueError(f"no reference feature map {feature_map!r}")
+    kernel = np.einsum("bhlf,bhsf->bhls", phi(q), phi(k))
+    if keep is not None:
+        kernel = kernel * np.broadcast_to(np.asarray(keep, bool), kernel.shape)
+    weights = kernel / (kernel.sum(-1, keepdims=True) + LINEAR_EPS)
+    return np.einsum("bhls,bhsd->bhld", weights, v), weights
+
+
+def _grouped(q, k, v) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float64 q, k, v with each kv head repeated for its contiguous group of query heads
+    (query head h reads kv head ``h // (H // K)``)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    return q, np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+
+
 def self_attention(
     x: np.ndarray,
     state: dict[str, np.ndarray],
@@ -48,10 +139,13 @@ def self_attention(
     temperature: float = 1.0,
     rope: str | None = None,
     rope_base: float = 10000.0,
+    feature_map: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The whole layer from a PyTorch-layout state_dict (NumPy arrays), in float64.
 
-    ``rope``: ``None``, ``"interleaved"`` or ``"half"``.
+    Softmax attention with scores ``q·k / (sqrt(d_head) * temperature) + bias``; with a
+    ``feature_map`` (``"elu"`` or ``"relu"``) linear attention instead (no scaling, no
+    bias). ``rope``: ``None``, ``"interleaved"`` or ``"half"``.
     """
     x = np.asarray(x, np.float64)
 
@@ -69,10 +163,11 @@ def self_attention(
     v = heads(linear("w_v", x), num_kv_heads)
     if rope is not None:
         q, k = rotate(q, rope_base, rope), rotate(k, rope_base, rope)
-    d_head = q.shape[-1]
-    out, weights = softmax_attention(
-        q, k, v, keep, bias, scale=1.0 / (np.sqrt(d_head) * temperature)
-    )
+    if feature_map is not None:
+        out, weights = linear_attention(q, k, v, keep, feature_map)
+    else:
+        scale = 1.0 / (np.sqrt(q.shape[-1]) * temperature)
+        out, weights = softmax_attention(q, k, v, keep, bias, scale=scale)
     b, h, length, d = out.shape
     merged = out.transpose(0, 2, 1, 3).reshape(b, length, h * d)
     return linear("w_o", merged), weights

@@ -1,8 +1,9 @@
 """Checks shared by the tests of the sparse family (local, dilated, block).
 
-Each ``check_*`` runs one case for one mechanism, named by its registry name; the test
-files parametrize them with the mechanism's own sizes. The patterns here are written
-from SPEC §2, not taken from the library.
+Each ``check_*`` runs one case for one mechanism, named by its registry name
+(``parity.mechanisms``); the test files parametrize them with the mechanism's own sizes.
+The references' patterns are written from docs/semantics.md in tests/reference.py, not taken from
+the library.
 """
 
 from __future__ import annotations
@@ -12,81 +13,29 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-import attentions_jax as aj
-import attentions_torch as at
-from parity import compare_layers, torch_to_flax
-from tests.reference import self_attention
+from parity import torch_to_flax
+from parity.mechanisms import by_name
+from tests import helpers
 
 B, L, E, H = 2, 75, 16, 2
 """L spans several tiles of every mechanism and is a multiple of none of the sizes used."""
 
-CLASSES = {
-    "local": "LocalSelfAttention",
-    "dilated": "DilatedSelfAttention",
-    "block": "BlockSelfAttention",
-}
-MASK_KINDS = ("none", "padding", "square", "per_head")
+
+def config(name: str, size: int, **options) -> dict:
+    """Constructor arguments of registry row ``name`` with window/rate/block ``size``."""
+    mechanism = by_name(name)
+    return {"d_model": E, mechanism.size_argument: size, "num_heads": H, **options}
 
 
 def layers(name: str, size: int, **options):
-    """``(torch_layer, flax_layer)`` of mechanism ``name`` with window/rate/block ``size``."""
-    cls = CLASSES[name]
-    return getattr(at, cls)(E, size, H, **options), getattr(aj, cls)(E, size, H, **options)
-
-
-def pattern(name: str, size: int, length: int = L) -> np.ndarray:
-    """``(L, L)`` keep pattern of SPEC §2."""
-    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
-    if name == "local":
-        return np.abs(i - j) <= size // 2
-    if name == "dilated":
-        return (i - j) % size == 0
-    return i // size == j // size
+    """``(torch_layer, flax_layer)`` of registry row ``name`` with window/rate/block ``size``."""
+    mechanism, kwargs = by_name(name), config(name, size, **options)
+    return mechanism.layer_class("torch")(**kwargs), mechanism.layer_class("jax")(**kwargs)
 
 
 def user_mask(kind: str, rng: np.random.Generator, length: int = L) -> np.ndarray | None:
-    """A keep-mask of each accepted kind; ``square`` and ``per_head`` blind some queries."""
-    if kind == "none":
-        return None
-    if kind == "padding":
-        lengths = np.array([length, length // 2 + 1])
-        return (np.arange(length)[None, :] < lengths[:, None])[:, None, None, :]
-    if kind == "square":
-        keep = rng.random((length, length)) > 0.3
-        keep[4] = False
-        return keep
-    keep = rng.random((B, H, length, length)) > 0.5
-    keep[1, 0, 9] = False
-    return keep
-
-
-def _keep(name: str, size: int, mask: np.ndarray | None, is_causal: bool) -> np.ndarray:
-    """What each query may see: pattern AND causal AND mask, ``(B|1, H|1, L, L)``."""
-    keep = pattern(name, size)[None, None]
-    if is_causal:
-        keep = keep & np.tril(np.ones((L, L), bool))
-    if mask is not None:
-        keep = keep & (mask if mask.ndim == 4 else mask[None, None])
-    return keep
-
-
-def run_both(torch_layer, flax_layer, x, mask, **call) -> dict[str, tuple]:
-    """``{framework: (out, weights)}`` as float64 NumPy from the same float64 weights."""
-    torch_layer = torch_layer.double().eval()
-    variables = {"params": torch_to_flax(torch_layer)}
-    with torch.no_grad():
-        t_out, t_w = torch_layer(
-            torch.tensor(x), None if mask is None else torch.tensor(mask), **call
-        )
-    # one compiled program costs less than eager JAX's compile per operation and shape
-    apply = jax.jit(flax_layer.apply, static_argnames=tuple(call))
-    j_out, j_w = apply(
-        variables, jnp.asarray(x), None if mask is None else jnp.asarray(mask), **call
-    )
-    return {
-        "torch": (t_out.numpy(), None if t_w is None else t_w.numpy()),
-        "jax": (np.asarray(j_out), None if j_w is None else np.asarray(j_w)),
-    }
+    """``helpers.user_mask`` at this module's sizes."""
+    return helpers.user_mask(kind, rng, B, length, H)
 
 
 def check_reference(
@@ -97,30 +46,16 @@ def check_reference(
     ``batch=1`` gives the heads of the one sequence the strides of the projection's
     layout (flattening B and H is then a view), which the tilings must honour.
     """
-    torch_layer, flax_layer = layers(name, size, bias=True)
     x = rng.standard_normal((batch, L, E))
-    mask = user_mask(mask_kind, rng)
-    keep = _keep(name, size, mask, is_causal)
-    state = {k: v.detach().double().numpy() for k, v in torch_layer.state_dict().items()}
-    ref_out, ref_w = self_attention(x, state, H, H, keep)
-    for need_weights in (True, False):
-        runs = run_both(
-            torch_layer, flax_layer, x, mask, is_causal=is_causal, need_weights=need_weights
-        )
-        for out, weights in runs.values():
-            np.testing.assert_allclose(out, ref_out, atol=1e-12, rtol=0)
-            if need_weights:
-                np.testing.assert_allclose(weights, ref_w, atol=1e-12, rtol=0)
-                assert not np.any(weights[~np.broadcast_to(keep, weights.shape)])
-            else:
-                assert weights is None
+    mask = helpers.user_mask(mask_kind, rng, batch, L, H)
+    helpers.check_reference(by_name(name), config(name, size, bias=True), x, mask, is_causal)
 
 
 def check_parity(name: str, size: int, dtype: str, rng) -> None:
     """``compare_layers`` on the fast path under ``jax.jit``, causal, with a square mask
     with a blind row. The registry's rows (tests/test_parity.py) run the weights path, the
     other masks and eager JAX."""
-    report = compare_layers(
+    helpers.check_parity(
         *layers(name, size),
         rng.standard_normal((B, L, E)),
         user_mask("square", rng),
@@ -129,7 +64,6 @@ def check_parity(name: str, size: int, dtype: str, rng) -> None:
         dtype=dtype,
         jit=True,
     )
-    assert report.passed, [c for c in report.comparisons if not c.passed]
 
 
 def check_blind_rows(name: str, size: int, rng) -> None:
@@ -139,7 +73,7 @@ def check_blind_rows(name: str, size: int, rng) -> None:
     mask = np.ones((B, 1, L, L), bool)
     mask[0, 0, 3] = False
     mask[1, 0, L - 1] = False
-    runs = run_both(torch_layer, flax_layer, x, mask, need_weights=True)
+    runs = helpers.run_both(torch_layer, flax_layer, x, mask, need_weights=True)
     for out, weights in runs.values():
         assert not np.any(weights[0, :, 3]) and not np.any(weights[1, :, L - 1])
         assert not np.any(out[0, 3]) and not np.any(out[1, L - 1])  # w_o has no bias
@@ -162,11 +96,10 @@ def check_blind_rows(name: str, size: int, rng) -> None:
 
 def check_invalid_size(name: str, size, message: str) -> None:
     """Both packages reject the size at construction with the same message."""
-    cls = CLASSES[name]
     errors = []
-    for package in (at, aj):
+    for framework in ("torch", "jax"):
         try:
-            getattr(package, cls)(E, size, H)
+            by_name(name).layer_class(framework)(**config(name, size))
         except ValueError as error:
             errors.append(str(error))
     assert len(errors) == 2 and errors[0] == errors[1], errors
@@ -176,14 +109,17 @@ def check_invalid_size(name: str, size, message: str) -> None:
 def check_equals_dense(name: str, size: int, rng) -> None:
     """A size that covers the whole sequence gives the dense multi-head result."""
     torch_layer, flax_layer = layers(name, size)
-    torch_dense = at.MultiHeadSelfAttention(E, H)
+    dense = by_name("multi_head")
+    torch_dense = dense.torch_layer(d_model=E, num_heads=H)
     torch_dense.load_state_dict(torch_layer.state_dict())
     x = rng.standard_normal((B, L, E))
     mask = user_mask("padding", rng)
     for need_weights in (True, False):
         call = {"is_causal": True, "need_weights": need_weights}
-        got = run_both(torch_layer, flax_layer, x, mask, **call)
-        want = run_both(torch_dense, aj.MultiHeadSelfAttention(E, H), x, mask, **call)
+        got = helpers.run_both(torch_layer, flax_layer, x, mask, **call)
+        want = helpers.run_both(
+            torch_dense, dense.flax_layer(d_model=E, num_heads=H), x, mask, **call
+        )
         for framework in ("torch", "jax"):
             np.testing.assert_allclose(got[framework][0], want[framework][0], atol=1e-12)
             if need_weights:
@@ -198,7 +134,7 @@ def check_only_itself(name: str, size: int, rng) -> None:
     with torch.no_grad():
         expected = torch_layer.w_o(torch_layer.w_v(torch.tensor(x))).numpy()
     for need_weights in (True, False):
-        runs = run_both(torch_layer, flax_layer, x, None, need_weights=need_weights)
+        runs = helpers.run_both(torch_layer, flax_layer, x, None, need_weights=need_weights)
         for out, weights in runs.values():
             np.testing.assert_allclose(out, expected, atol=1e-12)
             if need_weights:

@@ -1,4 +1,4 @@
-"""Bad and extreme input for every registered mechanism, in both frameworks (SPEC §7)."""
+"""Bad and extreme input for every registered mechanism, in both frameworks (docs/semantics.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from parity import MECHANISMS, torch_to_flax
+from tests import helpers
 
 L = 7
 
@@ -20,20 +21,18 @@ def _pair(mechanism, **overrides):
     return torch_layer, flax_layer, {"params": torch_to_flax(torch_layer)}
 
 
-def _width(mechanism) -> int:
-    return mechanism.kwargs.get("input_dim", mechanism.kwargs["d_model"])
+def _input(mechanism, batch: int = 2, length: int = L) -> np.ndarray:
+    """A float32 input ``(B, L, input_width)`` of the registry row's layer."""
+    width = helpers.input_width(mechanism)
+    return np.random.default_rng(0).standard_normal((batch, length, width)).astype(np.float32)
 
 
-def _both(mechanism, x, mask=None, need_weights=True, **overrides):
-    torch_layer, flax_layer, variables = _pair(mechanism, **overrides)
-    t_mask = None if mask is None else torch.tensor(mask)
-    j_mask = None if mask is None else jnp.asarray(mask)
-    with torch.no_grad():
-        t_out, t_w = torch_layer(torch.tensor(x), t_mask, need_weights=need_weights)
-    j_out, j_w = flax_layer.apply(variables, jnp.asarray(x), j_mask, need_weights=need_weights)
-    return (t_out.numpy(), None if t_w is None else t_w.numpy()), (
-        np.asarray(j_out),
-        None if j_w is None else np.asarray(j_w),
+def _both(mechanism, x, mask=None, need_weights=True, layers=None):
+    """``{framework: (out, weights)}`` in float32 (``helpers.run_both``) of ``layers``, by
+    default the registry row's."""
+    torch_layer, flax_layer = layers or _pair(mechanism)[:2]
+    return helpers.run_both(
+        torch_layer, flax_layer, x, mask, dtype="float32", need_weights=need_weights
     )
 
 
@@ -62,7 +61,7 @@ BAD_CALLS = {
 @pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_calls_raise_the_same_value_error(mechanism, case):
-    x, mask = BAD_CALLS[case](_width(mechanism))
+    x, mask = BAD_CALLS[case](helpers.input_width(mechanism))
     t_msg, j_msg = _messages(mechanism, x, mask)
     assert t_msg == j_msg
     assert "expected" in t_msg
@@ -70,12 +69,12 @@ def test_bad_calls_raise_the_same_value_error(mechanism, case):
 
 @pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
 def test_length_one_and_empty_batch(mechanism):
-    width = _width(mechanism)
-    for shape in ((2, 1, width), (0, L, width)):
-        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for batch, length in ((2, 1), (0, L)):
+        x = _input(mechanism, batch, length)
         for need_weights in (True, False):
-            (t_out, t_w), (j_out, j_w) = _both(mechanism, x, need_weights=need_weights)
-            assert t_out.shape == j_out.shape == (*shape[:2], mechanism.kwargs["d_model"])
+            runs = _both(mechanism, x, need_weights=need_weights)
+            (t_out, t_w), (j_out, j_w) = runs["torch"], runs["jax"]
+            assert t_out.shape == j_out.shape == (batch, length, mechanism.kwargs["d_model"])
             np.testing.assert_allclose(t_out, j_out, atol=1e-5, rtol=1e-5)
             assert np.isfinite(t_out).all() and np.isfinite(j_out).all()
             if need_weights:
@@ -85,9 +84,9 @@ def test_length_one_and_empty_batch(mechanism):
 @pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
 def test_nan_input_stays_in_its_batch_element(mechanism):
     """Documented behaviour: NaN/inf in a sequence propagate to that sequence only."""
-    x = np.random.default_rng(0).standard_normal((2, L, _width(mechanism))).astype(np.float32)
+    x = _input(mechanism)
     x[0, 3, 0] = np.nan
-    for out, _ in _both(mechanism, x, need_weights=False):
+    for out, _ in _both(mechanism, x, need_weights=False).values():
         assert np.isnan(out[0]).any()
         assert np.isfinite(out[1]).all()
 
@@ -98,20 +97,16 @@ def test_huge_logits_give_finite_results(mechanism):
     torch_layer, flax_layer, _ = _pair(mechanism)
     with torch.no_grad():
         torch_layer.w_q.weight.mul_(1e4)
-    variables = {"params": torch_to_flax(torch_layer)}
-    x = np.random.default_rng(0).standard_normal((2, L, _width(mechanism))).astype(np.float32)
-    keep = np.random.default_rng(1).random((2, L, L)) > 0.3
-    keep[0, 2] = False
+    params = torch_to_flax(torch_layer)
+    x, keep = _input(mechanism), helpers.user_mask("batched", np.random.default_rng(1), 2, L)
     for need_weights in (True, False):
-        with torch.no_grad():
-            t_out, t_w = torch_layer(torch.tensor(x), torch.tensor(keep), need_weights=need_weights)
-        j_out, j_w = flax_layer.apply(
-            variables, jnp.asarray(x), jnp.asarray(keep), need_weights=need_weights
-        )
-        for array in (t_out, j_out, t_w, j_w):
-            if array is not None:
-                assert np.isfinite(np.asarray(array)).all()
-        grads = jax.grad(
-            lambda p: flax_layer.apply({"params": p}, jnp.asarray(x), jnp.asarray(keep))[0].sum()
-        )(variables["params"])
+        runs = _both(mechanism, x, keep, need_weights, layers=(torch_layer, flax_layer))
+        for out, weights in runs.values():
+            assert np.isfinite(out).all() and (weights is None or np.isfinite(weights).all())
+
+        def loss(params, need_weights=need_weights):
+            out, _ = flax_layer.apply({"params": params}, x, keep, need_weights=need_weights)
+            return out.sum()
+
+        grads = jax.jit(jax.grad(loss))(params)
         assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

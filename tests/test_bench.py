@@ -5,28 +5,32 @@ from __future__ import annotations
 import json
 import time
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 import attentions_torch
+from parity import devices, mechanisms
 from parity.bench import (
-    CASES,
     Cell,
-    cases,
+    exit_code,
     jax_runs,
+    main,
     parse_args,
     run,
     torch_runs,
     useful_flops,
     visible_pairs,
 )
-from parity.bench.cases import BenchCase, alibi_slopes, by_name
-from parity.bench.measure import peak_rss_growth, time_interleaved
-from parity.bench.plan import reference_pattern
+from parity.bench import targets as bench_targets
+from parity.bench.cases import alibi_slopes
+from parity.bench.measure import peak_cuda_growth, peak_rss_growth, time_interleaved
+from parity.bench.plan import bench_size, reference_pattern
 from parity.bench.report import format_checks
 from parity.bench.runner import Bench, Planner
-from parity.bench.targets import Check
+from parity.bench.targets import Check, failures
+from parity.mechanisms import MECHANISMS, Mechanism, by_name
 from tests.reference import softmax_attention
 
 MASK_BUILDERS = {
@@ -67,8 +71,7 @@ def test_useful_flops_of_a_dense_layer():
 
 
 def _runnable(framework):
-    runs = torch_runs if framework == "torch" else jax_runs
-    return [case for case in CASES if case.softmax and runs.available(case)]
+    return [m for m in MECHANISMS if m.softmax and m.available(framework)]
 
 
 def _output(workload):
@@ -108,11 +111,11 @@ def _numpy_reference(case, q, k, v, is_causal):
     """Float64 attention of the case's pattern on ``(B, H, L, D)`` q and ``(B, K, L, D)`` k, v."""
     length = q.shape[2]
     offsets = np.arange(length)[:, None] - np.arange(length)[None, :]
+    size = max(bench_size(case), 1)
     keep = {
-        "local": np.abs(offsets) <= case.size // 2,
-        "dilated": offsets % max(case.size, 1) == 0,
-        "block": (np.arange(length)[:, None] // max(case.size, 1))
-        == (np.arange(length)[None, :] // max(case.size, 1)),
+        "local": np.abs(offsets) <= size // 2,
+        "dilated": offsets % size == 0,
+        "block": (np.arange(length)[:, None] // size) == (np.arange(length)[None, :] // size),
     }.get(case.pattern, np.ones((length, length), bool))
     if is_causal:
         keep = keep & (offsets >= 0)
@@ -127,7 +130,7 @@ def _numpy_reference(case, q, k, v, is_causal):
 def test_fused_references_match_numpy_for_every_pattern(framework, is_causal):
     """The "same" kernels get each pattern's mask or bias right (no layer class needed)."""
     runs = torch_runs if framework == "torch" else jax_runs
-    for case in CASES:
+    for case in MECHANISMS:
         if not case.softmax or case.pattern == "rope":
             continue
         workload = runs.build(
@@ -192,9 +195,14 @@ def _quick_run(tmp_path, *extra: str) -> tuple[dict, str]:
 
 def test_quick_torch_run_writes_json_plots_and_target_ratios(tmp_path):
     payload, printed = _quick_run(
-        tmp_path, "--framework", "torch", "--lengths", "32,64", "--plot", str(tmp_path)
+        tmp_path,
+        *("--framework", "torch", "--device", "cpu"),
+        *("--lengths", "32,64", "--plot", str(tmp_path)),
     )
     assert {"command", "machine", "config", "measurements", "rows", "targets"} <= set(payload)
+    assert payload["machine"]["device"] == payload["config"]["device"] == "cpu"
+    assert "accelerator" not in payload["machine"]
+    assert "device" not in printed.splitlines()[1]  # the CPU header is as it was
     assert set(payload["machine"]["matmul_gflops"]) == {"torch"}
     assert payload["machine"]["matmul_gflops"]["torch"] > 0
     assert (tmp_path / "bench_multi_head.png").stat().st_size > 0
@@ -220,6 +228,7 @@ def test_quick_torch_run_writes_json_plots_and_target_ratios(tmp_path):
             flops = ours["useful_flops"] / ours["median_s"] / 1e9
             assert figures["gflops"] == pytest.approx(flops)
             assert figures["peak_mib"] > 0
+            assert figures["memory_method"] == "rss"
 
     overhead = {c["label"]: c for c in payload["targets"]}["multi_head fwd L=128"]
     layer = _find(measurements, subject="layer", scope="layer", length=128, mode="fwd")
@@ -248,8 +257,9 @@ def test_quick_jax_run_reports_compile_time_and_xla_memory(tmp_path):
 
 
 def test_a_class_not_written_yet_is_reported_not_raised(monkeypatch):
-    ghost = BenchCase("ghost", "GhostSelfAttention", {"d_model": 32, "num_heads": 4})
-    monkeypatch.setattr(cases, "CASES", (*CASES, ghost))
+    small = {"d_model": 32, "num_heads": 4}
+    ghost = Mechanism("ghost", "GhostSelfAttention", small, small)
+    monkeypatch.setattr(mechanisms, "MECHANISMS", (*MECHANISMS, ghost))
     cell = Cell("ghost", "torch", "layer", "layer", 16, "fwd")
     measured = Bench(repeats=1, budget_s=0.0, max_bytes=2**30).measure(cell)
     assert measured.status == "missing"
@@ -257,3 +267,184 @@ def test_a_class_not_written_yet_is_reported_not_raised(monkeypatch):
     assert Planner().measure(cell).status == "missing"
     check = Check("g", "ghost", "torch", None, 1.0, True, "x", "not available yet", measured.note)
     assert format_checks([check]).endswith(f"not available yet: {measured.note} (1 checks)")
+
+
+def test_time_interleaved_meters_the_first_timed_call_only():
+    metered = []
+
+    def meter(run):
+        metered.append(run)
+        run()
+        return 123, 0.5
+
+    def call():
+        return None
+
+    timing, plain = time_interleaved([call, call], repeats=3, budget_s=60.0, meters=[meter, None])
+    assert metered == [call]
+    assert (timing.peak_bytes, timing.times_s[0]) == (123, 0.5)
+    assert plain.peak_bytes is None
+
+
+def _check(label: str, status: str, framework: str = "torch") -> Check:
+    value = None if status in ("not available yet", "skipped", "error") else 1.5
+    return Check("dense overhead", label, framework, value, 1.15, False, "x", status, "why")
+
+
+NOT_FAILING = ("met", "info", "skipped", "not available yet")
+
+
+def test_check_fails_on_missed_and_error_targets_and_names_them(capsys):
+    found = [_check(f"{status} one", status) for status in NOT_FAILING]
+    found += [_check("multi_head fwd L=2048", "missed"), _check("alibi fwd", "error", "jax")]
+    assert [check.label for check in failures(found)] == ["multi_head fwd L=2048", "alibi fwd"]
+    assert exit_code(found) == 1
+    printed = capsys.readouterr().out
+    assert "check failed: 2 of 6 targets missed or in error" in printed
+    assert "[torch] multi_head fwd L=2048: 1.50x, goal <= 1.15x (missed: why)" in printed
+    assert "[jax] alibi fwd: -, goal <= 1.15x (error: why)" in printed
+    assert all(f"{status} one" not in printed for status in NOT_FAILING)
+
+
+def test_check_passes_without_missed_targets(capsys):
+    assert exit_code([_check(f"{status} one", status) for status in NOT_FAILING]) == 0
+    assert exit_code([]) == 0
+    assert "check passed: 1 targets met, none missed (4 checks)" in capsys.readouterr().out
+
+
+def test_targets_only_implies_check_and_check_needs_targets(capsys):
+    assert parse_args(["--targets-only"]).check
+    assert parse_args(["--check"]).check
+    assert not parse_args([]).check
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--check", "--no-targets"])
+    assert stopped.value.code == 2
+    assert "--check needs the targets" in capsys.readouterr().err
+
+
+def test_a_missed_target_fails_the_quick_run(monkeypatch, capsys):
+    """End to end: a goal no run can meet makes ``main`` return 1 and name the target."""
+    monkeypatch.setitem(bench_targets.NEED_WEIGHTS_MS, "multi_head", 1e-9)
+    argv = ["--quick", "--targets-only", "--mechanism", "multi_head", "--framework", "torch"]
+    argv += ["--repeats", "1", "--budget", "0", "--no-progress"]
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    failed = printed[printed.index("check failed") :]
+    assert "need_weights=True forward" in failed
+    assert "[torch] multi_head: " in failed
+    assert "goal <= 1e-09ms (missed" in failed
+
+
+def test_devices_on_the_cpu():
+    assert devices.torch_device("cpu") == torch.device("cpu")
+    assert devices.jax_device("cpu").platform == "cpu"
+    assert devices.require("cpu") == {
+        "torch": torch.device("cpu"),
+        "jax": jax.devices("cpu")[0],
+    }
+    assert devices.frameworks_on("cpu") == ("torch", "jax")
+    assert devices.frameworks_on("tpu") == ("jax",)
+    with pytest.raises(ValueError, match="--device must be one of"):
+        devices.require("npu")
+    with pytest.raises(ValueError, match="PyTorch cannot run on a TPU"):
+        devices.torch_device("tpu")
+
+
+def _present(name: str, framework: str) -> bool:
+    try:
+        devices.require(name, [framework])
+    except devices.DeviceUnavailableError:
+        return False
+    return True
+
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_JAX_GPU = _present("gpu", "jax")
+
+
+@pytest.mark.parametrize(
+    ("name", "framework", "message"),
+    [
+        ("cuda", "torch", "--device cuda: PyTorch sees no CUDA device"),
+        ("gpu", "torch", "--device gpu: PyTorch sees no CUDA device"),
+        ("cuda", "jax", "--device cuda: JAX has no GPU backend"),
+        ("tpu", "jax", "--device tpu: JAX has no TPU backend"),
+    ],
+)
+def test_an_absent_device_is_a_clear_error(name, framework, message, capsys):
+    if _present(name, framework):
+        pytest.skip(f"{framework} has a {name} device here")
+    with pytest.raises(devices.DeviceUnavailableError, match=message):
+        devices.require(name, [framework])
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--device", name, "--framework", framework])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_torch_on_a_tpu_is_refused_by_the_command_line(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--device", "tpu", "--framework", "torch"])
+    assert stopped.value.code == 2
+    assert "--device tpu: PyTorch cannot run on a TPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(HAS_CUDA and HAS_JAX_GPU, reason="both frameworks have a GPU here")
+def test_the_command_exits_nonzero_on_an_absent_device(capsys):
+    """``python -m parity.bench --device cuda`` exits 2 before measuring anything."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["--device", "cuda", "--quick", "--targets-only"])
+    assert stopped.value.code == 2
+    printed = capsys.readouterr()
+    assert "--device cuda:" in printed.err
+    assert printed.out == ""
+
+
+def _same_output_as_on_cpu(runs, device, framework):
+    """The workload on ``device`` computes what it computes on the CPU."""
+    for subject in ("layer", "same"):
+        cell = Cell("local", framework, subject, "layer", 70, "fwd", d_model=32)
+        expected = _output(runs.build(by_name("local"), cell))
+        workload = runs.build(by_name("local"), cell, device)
+        assert np.abs(_output_on_host(workload) - expected).max() <= 1e-3
+
+
+def _output_on_host(workload):
+    out = workload.run()
+    out = out[0] if isinstance(out, tuple) else out
+    out = out.detach().cpu() if isinstance(out, torch.Tensor) else out
+    return np.asarray(out, dtype=np.float64)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_torch_on_cuda(tmp_path):
+    _same_output_as_on_cpu(torch_runs, devices.torch_device("cuda"), "torch")
+    size = 64 * 2**20
+    device = devices.torch_device("cuda")
+    grown, elapsed = peak_cuda_growth(
+        lambda: torch.ones(size, dtype=torch.uint8, device=device), device
+    )
+    assert size <= grown <= size * 1.5
+    assert elapsed > 0.0
+    payload, printed = _quick_run(
+        tmp_path, "--framework", "torch", "--device", "cuda", "--lengths", "64", "--no-targets"
+    )
+    assert "device cuda: torch cuda:0" in printed
+    (row,) = payload["rows"]
+    for mode in ("fwd", "fwdbwd"):
+        assert row[mode]["status"] == "ok"
+        assert row[mode]["memory_method"] == "cuda"
+        assert row[mode]["peak_mib"] > 0
+
+
+@pytest.mark.skipif(not HAS_JAX_GPU, reason="JAX has no GPU backend")
+def test_jax_on_gpu(tmp_path):
+    _same_output_as_on_cpu(jax_runs, devices.jax_device("gpu"), "jax")
+    payload, printed = _quick_run(
+        tmp_path, "--framework", "jax", "--device", "gpu", "--lengths", "64", "--no-targets"
+    )
+    assert "device gpu: jax" in printed
+    (row,) = payload["rows"]
+    for mode in ("fwd", "fwdbwd"):
+        assert row[mode]["status"] == "ok"
+        assert row[mode]["memory_method"] == "xla"

@@ -1,4 +1,4 @@
-"""jax.jit and torch.compile give the same numbers as eager (SPEC §8)."""
+"""jax.jit and torch.compile give the same numbers as eager (docs/semantics.md)."""
 
 from __future__ import annotations
 

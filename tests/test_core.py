@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import attentions_jax.functional as jf
 import attentions_torch.functional as tf
 from attentions_jax import masks as jmasks
 from attentions_torch import masks as tmasks
+from tests import helpers, reference
 from tests.reference import softmax_attention
 
 B, H, L, D = 2, 4, 11, 8
@@ -23,57 +25,24 @@ def _qkv(rng, kv_heads=H, dtype=np.float64):
     return q, k, v
 
 
-def _run_both(q, k, v, keep, *, is_causal=False, need_weights=True, bias=None):
-    t_keep = None if keep is None else torch.tensor(keep)
-    t_bias = None if bias is None else torch.tensor(bias)
-    t_out, t_w = tf.dot_product_attention(
-        *(torch.tensor(a) for a in (q, k, v)),
-        t_keep,
-        bias=t_bias,
-        is_causal=is_causal,
-        need_weights=need_weights,
+def _run_both(q, k, v, keep, **call) -> dict[str, tuple]:
+    """``{framework: (out, weights)}`` of both cores on the same NumPy arguments."""
+    return helpers.call_both(
+        tf.dot_product_attention, jf.dot_product_attention, q, k, v, keep, **call
     )
-    j_keep = None if keep is None else jnp.asarray(keep)
-    j_bias = None if bias is None else jnp.asarray(bias)
-    j_out, j_w = jf.dot_product_attention(
-        *(jnp.asarray(a) for a in (q, k, v)),
-        j_keep,
-        bias=j_bias,
-        is_causal=is_causal,
-        need_weights=need_weights,
-    )
-    as_np = lambda a: None if a is None else np.asarray(a)  # noqa: E731
-    return (t_out.numpy(), as_np(t_w)), (np.asarray(j_out), as_np(j_w))
 
 
-def _keep_cases(rng):
-    full = rng.random((B, H, L, L)) > 0.4
-    full[0, 1, 3] = False  # a query that sees nothing
-    return {
-        "none": None,
-        "rank2": rng.random((L, L)) > 0.3,
-        "rank3": rng.random((B, L, L)) > 0.3,
-        "padding": (np.arange(L)[None, :] < np.array([L, 6])[:, None])[:, None, None, :],
-        "rank4_with_empty_row": full,
-    }
-
-
-@pytest.mark.parametrize("case", ["none", "rank2", "rank3", "padding", "rank4_with_empty_row"])
+@pytest.mark.parametrize("mask_kind", helpers.MASK_KINDS)
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("need_weights", [True, False])
-def test_core_matches_float64_reference(rng, case, is_causal, need_weights):
+def test_core_matches_float64_reference(rng, mask_kind, is_causal, need_weights):
+    """Every kind of keep-mask, broadcast to rank 4 as the layers hand it to the core."""
     q, k, v = _qkv(rng)
-    keep = _keep_cases(rng)[case]
-    if keep is not None and keep.ndim < 4:
-        keep4 = keep[None, None] if keep.ndim == 2 else keep[:, None]
-    else:
-        keep4 = keep
-    ref_keep = keep4
-    if is_causal:
-        causal = np.tril(np.ones((L, L), bool))
-        ref_keep = causal if keep4 is None else keep4 & causal
-    ref_out, ref_w = softmax_attention(q, k, v, ref_keep)
-    for out, w in _run_both(q, k, v, keep4, is_causal=is_causal, need_weights=need_weights):
+    mask = helpers.user_mask(mask_kind, rng, B, L, H)
+    keep4 = None if mask is None else reference.keep_mask(L, mask)
+    ref_out, ref_w = softmax_attention(q, k, v, reference.keep_mask(L, mask, is_causal))
+    runs = _run_both(q, k, v, keep4, is_causal=is_causal, need_weights=need_weights)
+    for out, w in runs.values():
         np.testing.assert_allclose(out, ref_out, atol=1e-12, rtol=0)
         if need_weights:
             np.testing.assert_allclose(w, ref_w, atol=1e-12, rtol=0)
@@ -87,7 +56,7 @@ def test_grouped_kv_heads_and_bias(rng, kv_heads):
     bias = -0.3 * np.abs(np.arange(L)[:, None] - np.arange(L)[None, :]) * np.ones((H, 1, 1))
     ref_out, ref_w = softmax_attention(q, k, v, None, bias)
     for need_weights in (True, False):
-        for out, w in _run_both(q, k, v, None, bias=bias, need_weights=need_weights):
+        for out, w in _run_both(q, k, v, None, bias=bias, need_weights=need_weights).values():
             np.testing.assert_allclose(out, ref_out, atol=1e-12, rtol=0)
             if need_weights:
                 np.testing.assert_allclose(w, ref_w, atol=1e-12, rtol=0)
@@ -106,14 +75,11 @@ def test_fully_masked_rows_are_zero_with_finite_gradients(rng):
         if need_weights:
             assert torch.all(w[:, :, 4] == 0)
 
-        import jax
-
         def loss(q, k, v, need_weights=need_weights):
-            return jf.dot_product_attention(q, k, v, jnp.asarray(keep), need_weights=need_weights)[
-                0
-            ].sum()
+            out, _ = jf.dot_product_attention(q, k, v, jnp.asarray(keep), need_weights=need_weights)
+            return out.sum()
 
-        grads = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(a) for a in (q, k, v)))
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*(jnp.asarray(a) for a in (q, k, v)))
         jout, _ = jf.dot_product_attention(
             *(jnp.asarray(a) for a in (q, k, v)), jnp.asarray(keep), need_weights=need_weights
         )
@@ -140,25 +106,8 @@ STEP_MODES = {
 }
 
 
-def _step_mask(kind: str, rng, batch: int, heads: int, length: int) -> np.ndarray | None:
-    """Keep-masks of every broadcast shape the steps slice, with a blind query."""
-    shape = {
-        "none": None,
-        "padding": (batch, 1, 1, length),
-        "square": (length, length),
-        "per_head": (batch, heads, length, length),
-        "per_query": (batch, 1, length, 1),
-    }[kind]
-    if shape is None:
-        return None
-    keep = rng.random(shape) > 0.4
-    if kind in ("square", "per_head"):
-        keep[..., 3, :] = False  # query 3 sees no key
-    return keep
-
-
 @pytest.mark.parametrize("mode", sorted(STEP_MODES))
-@pytest.mark.parametrize("mask_kind", ["none", "padding", "square", "per_head", "per_query"])
+@pytest.mark.parametrize("mask_kind", helpers.MASK_KINDS)
 def test_fast_path_steps_match_the_weights_path(mode, mask_kind, monkeypatch, rng):
     """Steps over all heads or over one head group, with a ragged last chunk (L = 23 is
     2.9 chunks of 8), GQA, a bias and ALiBi slopes: the padding and the slicing of every
@@ -170,7 +119,9 @@ def test_fast_path_steps_match_the_weights_path(mode, mask_kind, monkeypatch, rn
     batch, heads, kv_heads, length = 2, 6, 3, 23
     q = jnp.asarray(rng.standard_normal((batch, heads, length, 4)))
     k, v = (jnp.asarray(rng.standard_normal((batch, kv_heads, length, 4))) for _ in "kv")
-    mask = _step_mask(mask_kind, rng, batch, heads, length)
+    mask = helpers.user_mask(mask_kind, rng, batch, length, heads)
+    if mask is not None and mask.ndim == 3:
+        mask = mask[:, None]  # (B, 1, L, L), as the layers hand a rank-3 mask to the core
     mask = None if mask is None else jnp.asarray(mask)
     bias = jnp.asarray(rng.standard_normal((1, heads, length, length)))
     slopes = jnp.asarray(rng.random(heads))
@@ -186,20 +137,17 @@ def test_fast_path_steps_match_the_weights_path(mode, mask_kind, monkeypatch, rn
 
 @pytest.mark.parametrize("builder", ["causal", "local", "dilated", "block"])
 def test_mask_builders_agree_with_definitions(builder):
-    length = 10
-    i, j = np.meshgrid(np.arange(length), np.arange(length), indexing="ij")
-    expected, t_mask, j_mask = {
-        "causal": (j <= i, tmasks.causal_mask(length), jmasks.causal_mask(length)),
-        "local": (np.abs(i - j) <= 2, tmasks.local_mask(length, 5), jmasks.local_mask(length, 5)),
-        "dilated": (
-            (i - j) % 3 == 0,
-            tmasks.dilated_mask(length, 3),
-            jmasks.dilated_mask(length, 3),
-        ),
-        "block": (i // 4 == j // 4, tmasks.block_mask(length, 4), jmasks.block_mask(length, 4)),
-    }[builder]
-    np.testing.assert_array_equal(t_mask.numpy(), expected)
-    np.testing.assert_array_equal(np.asarray(j_mask), expected)
+    length, size = 10, {"causal": 0, "local": 5, "dilated": 3, "block": 4}[builder]
+    args = (length, size) if size else (length,)
+    if builder == "causal":
+        expected = reference.keep_mask(length, is_causal=True)[0, 0]
+    else:
+        expected = reference.pattern_keep(builder, size, length)
+    runs = helpers.call_both(
+        getattr(tmasks, f"{builder}_mask"), getattr(jmasks, f"{builder}_mask"), *args
+    )
+    for mask in runs.values():
+        np.testing.assert_array_equal(mask, expected)
 
 
 def test_padding_and_combine_masks():

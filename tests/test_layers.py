@@ -11,17 +11,11 @@ import torch
 import attentions_jax as aj
 import attentions_torch as at
 from parity import flax_to_torch, torch_to_flax
-from tests.reference import self_attention
+from parity.mechanisms import by_name
+from tests import helpers
 
-LAYERS = {
-    "vanilla": (at.VanillaSelfAttention, aj.VanillaSelfAttention, {"d_model": 16}, 1),
-    "multi_head": (
-        at.MultiHeadSelfAttention,
-        aj.MultiHeadSelfAttention,
-        {"d_model": 16, "num_heads": 4},
-        4,
-    ),
-}
+LAYERS = {"vanilla": {"d_model": 16}, "multi_head": {"d_model": 16, "num_heads": 4}}
+"""The registry rows tested here, with this file's sizes."""
 OPTIONS = [
     {},
     {"bias": True, "temperature": 0.7},
@@ -31,43 +25,12 @@ OPTIONS = [
 ]
 
 
-def _state_np(layer: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in layer.state_dict().items()}
-
-
 @pytest.mark.parametrize("name", list(LAYERS))
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "default")
 def test_layer_matches_float64_reference(rng, name, options):
-    torch_cls, flax_cls, kwargs, heads = LAYERS[name]
-    torch_layer = torch_cls(**kwargs, **options).double()
-    if options.get("bias"):
-        with torch.no_grad():
-            for p in torch_layer.parameters():
-                if p.dim() == 1:
-                    p.normal_()
-    x = rng.standard_normal((2, 9, options.get("input_dim", kwargs["d_model"])))
-    keep = rng.random((2, 9, 9)) > 0.3
-    rope = None
-    if options.get("rope"):
-        rope = "interleaved" if options.get("rope_interleaved", True) else "half"
-    ref_out, ref_w = self_attention(
-        x,
-        _state_np(torch_layer),
-        heads,
-        heads,
-        keep[:, None],
-        temperature=options.get("temperature", 1.0),
-        rope=rope,
-    )
-    out, w = torch_layer(torch.tensor(x), torch.tensor(keep))
-    np.testing.assert_allclose(out.detach().numpy(), ref_out, atol=1e-12)
-    np.testing.assert_allclose(w.detach().numpy(), ref_w, atol=1e-12)
-    flax_layer = flax_cls(**kwargs, **options)
-    jout, jw = flax_layer.apply(
-        {"params": torch_to_flax(torch_layer)}, jnp.asarray(x), jnp.asarray(keep)
-    )
-    np.testing.assert_allclose(np.asarray(jout), ref_out, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(jw), ref_w, atol=1e-12)
+    mechanism, config = by_name(name), {**LAYERS[name], **options}
+    x = rng.standard_normal((2, 9, helpers.input_width(mechanism, config)))
+    helpers.check_reference(mechanism, config, x, helpers.user_mask("batched", rng, 2, 9))
 
 
 def test_seed_usage_shapes():

@@ -1,4 +1,4 @@
-"""LinearSelfAttention in both packages against a float64 NumPy reference of SPEC §2.
+"""LinearSelfAttention in both packages against a float64 NumPy reference of docs/semantics.md.
 
 The layers under test use ``chunk_size = 4`` with ``D = 4``, so the causal O(L) path runs
 over several chunks and a ragged last chunk at L = 13; one test keeps the default chunk.
@@ -48,7 +48,7 @@ def linear_reference(
     feature_map: str = "elu",
     rope: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The layer in float64 from the SPEC formula: ``(out (B, L, E), A (B, H, L, L))``.
+    """The layer in float64 from the documented formula: ``(out (B, L, E), A (B, H, L, L))``.
 
     ``keep`` is the full keep-mask (pattern, causal and user mask), broadcastable to
     ``(B, H, L, L)``.
@@ -240,8 +240,8 @@ def test_fast_path_equals_weights_path(rng, case, dtype):
     ],
 )
 def test_parity_report_passes(rng, case, dtype, need_weights):
-    """Outputs, weights and all gradients within SPEC §6; the Flax side runs eagerly for
-    the float64 weights path (as ``python -m parity`` does) and under ``jax.jit`` otherwise."""
+    """Outputs, weights and all gradients within the tolerances; the Flax side runs eagerly for the
+    float64 weights path (as ``python -m parity`` does) and under ``jax.jit`` otherwise."""
     x = rng.standard_normal((B, L, E))
     mask = _masks(rng)["padding"] if case == "padding" else None
     report = parity.compare_layers(
@@ -377,7 +377,7 @@ def test_recurrent_steps_equal_the_causal_pass_in_both_frameworks(rng, kwargs):
     flax_steps = np.swapaxes(np.asarray(flax_steps), 0, 1)
     np.testing.assert_allclose(torch_steps, full, atol=1e-12)
     np.testing.assert_allclose(flax_steps, full, atol=1e-12)
-    np.testing.assert_allclose(torch_steps, flax_steps, atol=1e-10)  # SPEC §6 float64
+    np.testing.assert_allclose(torch_steps, flax_steps, atol=1e-10)  # the float64 tolerance
 
 
 def test_recurrent_step_in_float32_and_bfloat16(rng):

@@ -92,6 +92,7 @@ def test_tiles_hold_only_the_band(is_causal):
         np.testing.assert_array_equal(visible.sum(-1).reshape(-1)[:length], expected)
 
 
+@pytest.mark.slow
 def test_torch_compile_fast_path(rng):
     """The stepped fast path compiles and gives eager's numbers and gradients (one tiny
     graph; the overlapping key windows are where inductor once miscompiled unfold)."""

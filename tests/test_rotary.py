@@ -11,8 +11,9 @@ import torch
 
 import attentions_jax as aj
 import attentions_torch as at
-from parity import compare_layers, torch_to_flax
-from tests.reference import rotate, self_attention
+from parity.mechanisms import by_name
+from tests import helpers
+from tests.reference import rotate
 
 B, L, E, H = 2, 9, 32, 4
 D = E // H
@@ -20,34 +21,16 @@ LAYOUTS = {"interleaved": True, "half": False}
 
 
 def _blind_row_mask(rng: np.random.Generator) -> np.ndarray:
-    """``(B, L, L)`` random keep-mask in which query 2 of sequence 1 sees no key."""
-    keep = rng.random((B, L, L)) > 0.4
-    keep[1, 2] = False
-    return keep
-
-
-def _both(torch_layer, flax_layer, x, mask, **call):
-    """``{framework: (out, weights)}`` as float64 NumPy from the same weights."""
-    torch_layer = torch_layer.double().eval()
-    variables = {"params": torch_to_flax(torch_layer)}
-    with torch.no_grad():
-        t_out, t_w = torch_layer(
-            torch.tensor(x), None if mask is None else torch.tensor(mask), **call
-        )
-    j_out, j_w = flax_layer.apply(
-        variables, jnp.asarray(x), None if mask is None else jnp.asarray(mask), **call
-    )
-    return {
-        "torch": (t_out.numpy(), None if t_w is None else t_w.numpy()),
-        "jax": (np.asarray(j_out), None if j_w is None else np.asarray(j_w)),
-    }
+    """``(B, L, L)`` random keep-mask in which one query of the last sequence sees no key."""
+    return helpers.user_mask("batched", rng, B, L)
 
 
 def _rope_both(x: np.ndarray, base: float, interleaved: bool) -> list[np.ndarray]:
-    return [
-        at.apply_rope(torch.tensor(x), base=base, interleaved=interleaved).numpy(),
-        np.asarray(aj.apply_rope(jnp.asarray(x), base=base, interleaved=interleaved)),
-    ]
+    return list(
+        helpers.call_both(
+            at.apply_rope, aj.apply_rope, x, base=base, interleaved=interleaved
+        ).values()
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -75,51 +58,30 @@ def test_apply_rope_matches_explicit_rotations(layout, rng):
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_matches_float64_reference(layout, rope_base, is_causal, rng):
     """Weights path and fast path, both frameworks, a mask with a blind query."""
-    options = {"rope_interleaved": LAYOUTS[layout], "bias": True}
-    torch_layer = at.RotarySelfAttention(E, H, rope_base, **options)
-    flax_layer = aj.RotarySelfAttention(E, H, rope_base, **options)
+    config = {"d_model": E, "num_heads": H, "rope_base": rope_base, "bias": True}
+    config["rope_interleaved"] = LAYOUTS[layout]
     x = rng.standard_normal((B, L, E))
-    mask = _blind_row_mask(rng)
-    keep = mask[:, None] & (np.tril(np.ones((L, L), bool)) if is_causal else True)
-    state = {k: v.double().numpy() for k, v in torch_layer.state_dict().items()}
-    ref_out, ref_w = self_attention(x, state, H, H, keep, rope=layout, rope_base=rope_base)
-    for need_weights in (True, False):
-        runs = _both(
-            torch_layer, flax_layer, x, mask, is_causal=is_causal, need_weights=need_weights
-        )
-        for out, weights in runs.values():
-            np.testing.assert_allclose(out, ref_out, atol=1e-12, rtol=0)
-            if need_weights:
-                np.testing.assert_allclose(weights, ref_w, atol=1e-12, rtol=0)
-
-
-def _alibi_bias(heads: int) -> np.ndarray:
-    pos = np.arange(L)
-    slopes = at.alibi_slopes(heads).numpy()
-    return -slopes[None, :, None, None] * np.abs(pos[:, None] - pos[None, :])
+    helpers.check_reference(by_name("rotary"), config, x, _blind_row_mask(rng), is_causal)
 
 
 ROPE_ON = {
-    "multi_head": ("MultiHeadSelfAttention", (E, H), H, None),
-    "grouped": ("GroupedSelfAttention", (E, H, 2), 2, None),
-    "mqa": ("GroupedSelfAttention", (E, H, 1), 1, None),
-    "alibi": ("ALiBiSelfAttention", (E, H), H, _alibi_bias(H)),
+    "multi_head": ("multi_head", {"num_heads": H}),
+    "grouped": ("grouped", {"num_query_heads": H, "num_kv_heads": 2}),
+    "mqa": ("grouped", {"num_query_heads": H, "num_kv_heads": 1}),
+    "alibi": ("alibi", {"num_heads": H}),
+    "local": ("local", {"num_heads": H, "window_size": 5}),
+    "linear": ("linear", {"num_heads": H}),
 }
+"""Registry rows, with their heads and sizes, that take ``rope=True`` besides the rotary one."""
 
 
 @pytest.mark.parametrize("config", ROPE_ON)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_rope_flag_on_other_softmax_mechanisms(config, layout, rng):
-    class_name, args, kv_heads, bias = ROPE_ON[config]
-    options = {"rope": True, "rope_interleaved": LAYOUTS[layout]}
-    torch_layer = getattr(at, class_name)(*args, **options)
-    flax_layer = getattr(aj, class_name)(*args, **options)
+def test_rope_flag_on_other_mechanisms(config, layout, rng):
+    name, arguments = ROPE_ON[config]
+    options = {"d_model": E, **arguments, "rope": True, "rope_interleaved": LAYOUTS[layout]}
     x = rng.standard_normal((B, L, E))
-    state = {k: v.double().numpy() for k, v in torch_layer.state_dict().items()}
-    ref_out, _ = self_attention(x, state, H, kv_heads, None, bias, rope=layout)
-    for need_weights in (True, False):
-        for out, _ in _both(torch_layer, flax_layer, x, None, need_weights=need_weights).values():
-            np.testing.assert_allclose(out, ref_out, atol=1e-12, rtol=0)
+    helpers.check_reference(by_name(name), options, x)
 
 
 def test_half_split_equals_interleaved_with_permuted_rows(rng):
@@ -136,8 +98,9 @@ def test_half_split_equals_interleaved_with_permuted_rows(rng):
     half.load_state_dict(state)
     x = rng.standard_normal((B, L, E))
     mask = _blind_row_mask(rng)
-    want = _both(interleaved, aj.RotarySelfAttention(E, H), x, mask, is_causal=True)
-    got = _both(half, aj.RotarySelfAttention(E, H, rope_interleaved=False), x, mask, is_causal=True)
+    want = helpers.run_both(interleaved, aj.RotarySelfAttention(E, H), x, mask, is_causal=True)
+    flax_half = aj.RotarySelfAttention(E, H, rope_interleaved=False)
+    got = helpers.run_both(half, flax_half, x, mask, is_causal=True)
     for framework in ("torch", "jax"):
         for a, b in zip(got[framework], want[framework], strict=True):
             np.testing.assert_allclose(a, b, atol=1e-12, rtol=0)
@@ -145,9 +108,9 @@ def test_half_split_equals_interleaved_with_permuted_rows(rng):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 def test_half_split_parity(dtype, rng):
-    """LLaMA layout with a small base, every gradient included, within SPEC §6 (the default
+    """LLaMA layout with a small base, every gradient included, within the tolerances (the default
     configuration runs through tests/test_parity.py)."""
-    report = compare_layers(
+    helpers.check_parity(
         at.RotarySelfAttention(E, H, 500.0, rope_interleaved=False),
         aj.RotarySelfAttention(E, H, 500.0, rope_interleaved=False),
         rng.standard_normal((B, L, E)),
@@ -155,11 +118,10 @@ def test_half_split_parity(dtype, rng):
         is_causal=True,
         dtype=dtype,
     )
-    assert report.passed, report.comparisons
 
 
 def test_parity_under_jit(rng):
-    report = compare_layers(
+    helpers.check_parity(
         at.RotarySelfAttention(E, H, 500.0),
         aj.RotarySelfAttention(E, H, 500.0),
         rng.standard_normal((B, L, E)),
@@ -168,7 +130,6 @@ def test_parity_under_jit(rng):
         dtype="float64",
         jit=True,
     )
-    assert report.passed, report.comparisons
 
 
 def test_constructor_defaults_and_state():
@@ -195,8 +156,8 @@ def test_rope_false_is_multi_head(rng):
     mha.load_state_dict(rotary.state_dict())
     x = rng.standard_normal((B, L, E))
     for got, want in zip(
-        _both(rotary, aj.RotarySelfAttention(E, H, rope=False), x, None).values(),
-        _both(mha, aj.MultiHeadSelfAttention(E, H), x, None).values(),
+        helpers.run_both(rotary, aj.RotarySelfAttention(E, H, rope=False), x).values(),
+        helpers.run_both(mha, aj.MultiHeadSelfAttention(E, H), x).values(),
         strict=True,
     ):
         np.testing.assert_array_equal(got[0], want[0])

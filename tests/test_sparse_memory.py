@@ -1,4 +1,4 @@
-"""The sparse fast paths never build an (L, L) tensor (SPEC §3), checked at L = 32768.
+"""The sparse fast paths never build an (L, L) tensor on their fast path, checked at L = 32768.
 
 An ``(L, L)`` float32 tensor would take 4 GiB there (a bool one 1 GiB). PyTorch: a fresh
 interpreter runs each mechanism's fast path and reports how far its peak resident memory

@@ -1,119 +1,19 @@
-"""The benchmark table: one row per mechanism, at the benchmark's size.
+"""What the references and the FLOP counts need of a pattern, written apart from the packages.
 
-A row names the class (the same in both packages), its constructor arguments at the big
-size of issue 6 (d_model=512, 8 heads, window 64, block 64, rate 4, 2 kv heads), the
-pattern the fused references must reproduce, and the default lengths. A class that a
-package does not define yet is skipped with a note, so a mechanism plugs in by its row.
+The mechanisms themselves are listed once, in ``parity.mechanisms.MECHANISMS`` (their
+benchmark size is ``bench_kwargs``, their default lengths ``bench_lengths``); this module
+only counts the (query, key) pairs a pattern lets through and gives the ALiBi slopes, each
+written independently of ``attentions_torch``/``attentions_jax`` so that the references
+check the layers rather than repeat them.
 
 Shape legend: B batch, L length, H query heads, K kv heads, D head width, E model width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 
-__all__ = [
-    "CASES",
-    "DENSE_LENGTHS",
-    "LONG_LENGTHS",
-    "BenchCase",
-    "alibi_slopes",
-    "by_name",
-    "visible_pairs",
-]
-
-DENSE_LENGTHS = (256, 512, 1024, 2048, 4096)
-LONG_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
-
-
-@dataclass(frozen=True)
-class BenchCase:
-    """One mechanism at benchmark size.
-
-    ``pattern`` is what the mechanism computes, for the references and the FLOP count:
-    ``"dense"``, ``"alibi"`` (dense plus the ALiBi bias), ``"rope"`` (dense, RoPE on q and
-    k), ``"local"``/``"dilated"``/``"block"`` (a keep pattern with parameter ``size``), or
-    ``"linear"`` (kernel attention: no softmax reference computes it).
-    """
-
-    name: str
-    class_name: str
-    kwargs: Mapping[str, Any]
-    pattern: str = "dense"
-    size: int = 0
-    lengths: tuple[int, ...] = DENSE_LENGTHS
-
-    def constructor_kwargs(self, d_model: int | None = None) -> dict[str, Any]:
-        """The constructor arguments, with ``d_model`` replaced when given."""
-        kwargs = dict(self.kwargs)
-        if d_model is not None:
-            kwargs["d_model"] = d_model
-        return kwargs
-
-    def head_counts(self) -> tuple[int, int]:
-        """``(H, K)`` read from the constructor arguments (one head when none is named)."""
-        heads = self.kwargs.get("num_heads", self.kwargs.get("num_query_heads", 1))
-        return heads, self.kwargs.get("num_kv_heads", heads)
-
-    @property
-    def softmax(self) -> bool:
-        return self.pattern != "linear"
-
-
-CASES: tuple[BenchCase, ...] = (
-    BenchCase("vanilla", "VanillaSelfAttention", {"d_model": 512}),
-    BenchCase("multi_head", "MultiHeadSelfAttention", {"d_model": 512, "num_heads": 8}),
-    BenchCase(
-        "grouped",
-        "GroupedSelfAttention",
-        {"d_model": 512, "num_query_heads": 8, "num_kv_heads": 2},
-    ),
-    BenchCase("alibi", "ALiBiSelfAttention", {"d_model": 512, "num_heads": 8}, "alibi"),
-    BenchCase("rotary", "RotarySelfAttention", {"d_model": 512, "num_heads": 8}, "rope"),
-    BenchCase(
-        "local",
-        "LocalSelfAttention",
-        {"d_model": 512, "window_size": 64, "num_heads": 8},
-        "local",
-        64,
-        LONG_LENGTHS,
-    ),
-    BenchCase(
-        "dilated",
-        "DilatedSelfAttention",
-        {"d_model": 512, "dilation_rate": 4, "num_heads": 8},
-        "dilated",
-        4,
-        LONG_LENGTHS,
-    ),
-    BenchCase(
-        "block",
-        "BlockSelfAttention",
-        {"d_model": 512, "block_size": 64, "num_heads": 8},
-        "block",
-        64,
-        LONG_LENGTHS,
-    ),
-    BenchCase(
-        "linear",
-        "LinearSelfAttention",
-        {"d_model": 512, "num_heads": 8},
-        "linear",
-        0,
-        LONG_LENGTHS,
-    ),
-)
-
-
-def by_name(name: str) -> BenchCase:
-    for case in CASES:
-        if case.name == name:
-            return case
-    raise ValueError(f"unknown mechanism {name!r}; expected one of {[c.name for c in CASES]}")
+__all__ = ["alibi_slopes", "visible_pairs"]
 
 
 def _group_sizes(length: int, count: int, size: int) -> np.ndarray:
@@ -151,7 +51,7 @@ def visible_pairs(pattern: str, size: int, length: int, is_causal: bool = False)
 
 
 def alibi_slopes(heads: int) -> np.ndarray:
-    """ALiBi slopes per SPEC §2, written independently of the packages (for the reference).
+    """ALiBi slopes as docs/semantics.md states them, written apart from the packages.
 
     For H a power of two ``2 ** (-8 h / H)``, h = 1..H; otherwise the P slopes of the
     largest power of two P below H, then ``2 ** (-4 k / P)`` for k = 1, 3, 5, ...

@@ -7,19 +7,21 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .cases import CASES, by_name
+from .. import devices
+from ..mechanisms import MECHANISMS, by_name
 from .measure import machine_description
 from .plan import MODES, SCOPES, Cell
 from .report import format_checks, format_rows, plot, sweep
 from .runner import Bench, Measurement, Planner
-from .targets import FULL_SIZES, QUICK_SIZES, checks
+from .targets import FULL_SIZES, QUICK_SIZES, Check, checks, failures, format_failures
 
-__all__ = ["main", "parse_args", "run"]
+__all__ = ["exit_code", "main", "parse_args", "run"]
 
 QUICK_LENGTHS = (64, 128)
 REFERENCES = ("same", "dense")
@@ -39,14 +41,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m parity.bench",
         description="Time, memory and useful GFLOP/s of every mechanism in PyTorch and JAX, "
-        "side by side with the fused references, and the speed targets of issue 6.",
+        "side by side with the fused references, and the speed targets of the README.",
     )
-    names = [case.name for case in CASES]
+    names = [mechanism.name for mechanism in MECHANISMS]
     parser.add_argument(
         "--mechanism", action="append", choices=names, help="repeatable; default: all"
     )
     parser.add_argument(
-        "--framework", action="append", choices=("torch", "jax"), help="repeatable; default: both"
+        "--framework",
+        action="append",
+        choices=devices.FRAMEWORKS,
+        help="repeatable; default: both (on a TPU: jax)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=devices.DEVICES,
+        default="cpu",
+        help="where to run: cpu (default); cuda or gpu (the same: PyTorch on CUDA, JAX on its "
+        "GPU backend); tpu (JAX only). An absent device is an error",
     )
     parser.add_argument(
         "--lengths",
@@ -91,15 +103,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument("--no-targets", action="store_true", help="only the sweep")
-    targets.add_argument("--targets-only", action="store_true", help="only the targets")
+    targets.add_argument(
+        "--targets-only", action="store_true", help="only the targets (implies --check)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a target is missed or its measurement failed, naming each",
+    )
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--plot", type=Path, help="write PNG plots to this folder")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    args.check = args.check or args.targets_only
+    if args.check and args.no_targets:
+        parser.error("--check needs the targets: drop --no-targets")
+    _choose_frameworks(parser, args)
     args.d_model = args.d_model or (64 if args.quick else 512)
     args.repeats = args.repeats or (2 if args.quick else 5)
     args.budget = args.budget if args.budget is not None else (1.0 if args.quick else 10.0)
     return args
+
+
+def _choose_frameworks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Default ``--framework`` to those that run on ``--device``; stop on an absent device."""
+    on_device = devices.frameworks_on(args.device)
+    args.framework = args.framework or list(on_device)
+    try:
+        devices.require(args.device, args.framework)
+    except devices.DeviceUnavailableError as error:
+        parser.error(str(error))
 
 
 class _Selection:
@@ -136,8 +169,8 @@ def _report(bench, args) -> tuple[dict[str, float | None], list[dict], list]:
     rows, found = [], []
     if not args.targets_only:
 
-        def lengths(case):
-            return args.lengths or (QUICK_LENGTHS if args.quick else case.lengths)
+        def lengths(mechanism):
+            return args.lengths or (QUICK_LENGTHS if args.quick else mechanism.bench_lengths)
 
         rows = sweep(
             bench,
@@ -172,6 +205,18 @@ def _header(machine: dict, rates: dict, args: argparse.Namespace) -> str:
         f"B={args.batch}, d_model={args.d_model}, fp32, {scope}, "
         f"{'causal' if args.causal else 'non-causal'}; median of up to {args.repeats} calls "
         f"after a warm-up; xsame / xdense = fused reference time / library time"
+        + _accelerator(machine)
+    )
+
+
+def _accelerator(machine: dict) -> str:
+    """The header's device line off the CPU (nothing on the CPU: the header stays as it was)."""
+    if machine["device"] == "cpu":
+        return ""
+    return (
+        f"\ndevice {machine['accelerator']}; fp32 matmuls: torch allow_tf32="
+        f"{machine['torch_allow_tf32']}, jax default_matmul_precision="
+        f"{machine['jax_default_matmul_precision']}"
     )
 
 
@@ -179,13 +224,13 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict:
     """Plan, measure (with a progress bar), print; return the JSON payload."""
     started = time.perf_counter()
     load_before = _load()
-    args.mechanism = args.mechanism or [case.name for case in CASES]
-    args.framework = args.framework or ["torch", "jax"]
+    args.mechanism = args.mechanism or [mechanism.name for mechanism in MECHANISMS]
+    args.framework = args.framework or list(devices.frameworks_on(args.device))
     selected = (set(args.mechanism), set(args.framework))
 
     planner = Planner()
     _report(_Selection(planner, *selected), args)
-    bench = Bench(args.repeats, args.budget, int(args.max_gb * 2**30))
+    bench = Bench(args.repeats, args.budget, int(args.max_gb * 2**30), args.device)
     with tqdm(total=planner.count, disable=args.no_progress, unit="cell", file=sys.stderr) as bar:
         for group in planner.groups:
             bar.set_postfix_str(group[0].describe())
@@ -193,7 +238,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict:
             bar.update(len(group))
     rates, rows, found = _report(_Selection(bench, *selected), args)
     machine = {
-        **machine_description(),
+        **machine_description(args.device, tuple(args.framework)),
         "matmul_gflops": rates,
         "matmul_size": (QUICK_SIZES if args.quick else FULL_SIZES).matmul,
         "load_before": load_before,
@@ -204,7 +249,9 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict:
     if rows:
         print(format_rows(rows, args.modes, args.refs), file=out)
     if found:
-        title = "targets" + (" (quick sizes: not the issue's sizes)" if args.quick else "")
+        title = "targets" + (
+            " (quick sizes: not the sizes the goals are stated at)" if args.quick else ""
+        )
         print(f"\n{title}\n{format_checks(found)}", file=out)
     problems = [m for m in bench.measurements() if m.status == "error"]
     for measurement in problems:
@@ -231,9 +278,28 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict:
     return payload
 
 
+def exit_code(found: Sequence[Check], out=None) -> int:
+    """``--check``'s verdict: 1 after naming every target missed or in error, else 0.
+
+    "not available yet", "skipped" and "info" checks do not fail the run. Prints to
+    ``out`` (default: standard output, after the report).
+    """
+    out = out or sys.stdout
+    failed = failures(found)
+    if failed:
+        print(f"\n{format_failures(found)}", file=out)
+        return 1
+    met = sum(check.status == "met" for check in found)
+    print(f"\ncheck passed: {met} targets met, none missed ({len(found)} checks)", file=out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; with ``--check`` (or ``--targets-only``) exit 1 on a missed target."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     args.argv = argv
-    run(args)
-    return 0
+    payload = run(args)
+    if not args.check:
+        return 0
+    return exit_code([Check(**target) for target in payload["targets"]])

@@ -5,7 +5,10 @@ time is measured on its own and the timed calls run the compiled executable; the
 executable's ``memory_analysis()`` gives the bytes it allocates (temporaries + outputs).
 Forward+backward is ``jax.grad`` of ``<out, cotangent>`` into the inputs and every
 parameter. The references reuse the layer's own parameters, and masks or biases are
-arguments (not constants folded into the program).
+arguments (not constants folded into the program). Everything is made under
+``jax.default_device(device)`` and the arguments are committed there with
+``jax.device_put``, so the program compiles for, and runs on, the run's device (CPU, GPU
+or TPU); ``run()`` blocks until the result is ready.
 """
 
 from __future__ import annotations
@@ -20,26 +23,23 @@ import numpy as np
 
 import attentions_jax
 
-from .cases import BenchCase, alibi_slopes
-from .plan import Cell, Workload, reference_pattern
+from ..mechanisms import Mechanism
+from .cases import alibi_slopes
+from .plan import Cell, Workload, bench_heads, bench_size, layer_kwargs, reference_pattern
 
-__all__ = ["available", "build", "reference_mask"]
+__all__ = ["build", "reference_mask"]
 
 _F32 = jnp.float32
 
 
-def available(case: BenchCase) -> bool:
-    return hasattr(attentions_jax, case.class_name)
-
-
 def reference_mask(
-    case: BenchCase, pattern: str, length: int, is_causal: bool
+    mechanism: Mechanism, pattern: str, length: int, is_causal: bool
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """``(mask, bias)`` for ``jax.nn.dot_product_attention``; causality is its own flag."""
     if pattern == "alibi":
         positions = np.arange(length, dtype=np.float32)
         distance = np.abs(positions[:, None] - positions[None, :])
-        slopes = alibi_slopes(case.head_counts()[0]).astype(np.float32)
+        slopes = alibi_slopes(bench_heads(mechanism)[0]).astype(np.float32)
         return None, jnp.asarray(-slopes[None, :, None, None] * distance)
     builders = {
         "local": attentions_jax.local_mask,
@@ -47,13 +47,13 @@ def reference_mask(
         "block": attentions_jax.block_mask,
     }
     if pattern in builders:
-        return builders[pattern](length, case.size)[None, None], None
+        return builders[pattern](length, bench_size(mechanism))[None, None], None
     return None, None
 
 
-def _fused(case: BenchCase, cell: Cell, pattern: str) -> Callable:
+def _fused(mechanism: Mechanism, cell: Cell) -> Callable:
     """``(q, k, v, mask, bias) -> out`` in ``(B, L, H, D)`` layout, the kernel's own."""
-    heads = case.head_counts()[0]
+    heads = bench_heads(mechanism)[0]
     scale = 1.0 / math.sqrt(cell.d_model // heads)
 
     def attention(q, k, v, mask, bias):
@@ -64,12 +64,12 @@ def _fused(case: BenchCase, cell: Cell, pattern: str) -> Callable:
     return attention
 
 
-def _by_hand(case: BenchCase, cell: Cell, layer, pattern: str) -> Callable:
+def _by_hand(mechanism: Mechanism, cell: Cell, layer, pattern: str) -> Callable:
     """Projections, (RoPE), the fused kernel and the output projection, written out."""
-    heads, kv_heads = case.head_counts()
+    heads, kv_heads = bench_heads(mechanism)
     batch, length, width = cell.batch, cell.length, cell.d_model
     d_head = width // heads
-    attention = _fused(case, cell, pattern)
+    attention = _fused(mechanism, cell)
 
     def project(params, x, name: str, count: int) -> jax.Array:
         out = x @ params[name]["kernel"]
@@ -102,20 +102,20 @@ def _normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(key, shape, _F32)
 
 
-def _init(case: BenchCase, cell: Cell):
+def _init(mechanism: Mechanism, cell: Cell):
     """The Flax layer and its variables (initialized on a short input: same parameters)."""
-    layer = getattr(attentions_jax, case.class_name)(**case.constructor_kwargs(cell.d_model))
+    layer = mechanism.layer_class("jax")(**layer_kwargs(mechanism, cell.d_model))
     sample = jnp.zeros((1, min(cell.length, 16), cell.d_model), _F32)
     return layer, layer.init(jax.random.key(0), sample)
 
 
-def _layer_program(case: BenchCase, cell: Cell, pattern: str | None):
+def _layer_program(mechanism: Mechanism, cell: Cell, pattern: str | None):
     """The whole layer from ``x``, or the same done by hand around the fused kernel."""
-    layer, variables = _init(case, cell)
+    layer, variables = _init(mechanism, cell)
     x = _normal(jax.random.key(1), (cell.batch, cell.length, cell.d_model))
     if pattern is not None:
-        mask = reference_mask(case, pattern, cell.length, cell.is_causal)
-        return _by_hand(case, cell, layer, pattern), (variables["params"], x), mask
+        mask = reference_mask(mechanism, pattern, cell.length, cell.is_causal)
+        return _by_hand(mechanism, cell, layer, pattern), (variables["params"], x), mask
     need_weights = cell.subject == "weights"
 
     def apply_layer(params, x):
@@ -130,20 +130,20 @@ def _layer_program(case: BenchCase, cell: Cell, pattern: str | None):
     return apply_layer, (variables["params"], x), ()
 
 
-def _core_program(case: BenchCase, cell: Cell, pattern: str | None):
+def _core_program(mechanism: Mechanism, cell: Cell, pattern: str | None):
     """``layer.attend`` on ``(B, H, L, D)`` q, k, v, or the fused kernel on ``(B, L, H, D)``.
 
     The kernel needs no layer, so a reference runs before the mechanism exists.
     """
-    heads, kv_heads = case.head_counts()
+    heads, kv_heads = bench_heads(mechanism)
     d_head = cell.d_model // heads
     keys = jax.random.split(jax.random.key(1), 3)
     if pattern is not None:
         shapes = [(cell.batch, cell.length, count, d_head) for count in (heads, kv_heads, kv_heads)]
         qkv = tuple(_normal(key, shape) for key, shape in zip(keys, shapes, strict=True))
-        mask = reference_mask(case, pattern, cell.length, cell.is_causal)
-        return _fused(case, cell, pattern), qkv, mask
-    layer, variables = _init(case, cell)
+        mask = reference_mask(mechanism, pattern, cell.length, cell.is_causal)
+        return _fused(mechanism, cell), qkv, mask
+    layer, variables = _init(mechanism, cell)
     shapes = [(cell.batch, count, cell.length, d_head) for count in (heads, kv_heads, kv_heads)]
     qkv = tuple(_normal(key, shape) for key, shape in zip(keys, shapes, strict=True))
 
@@ -163,35 +163,43 @@ def _core_program(case: BenchCase, cell: Cell, pattern: str | None):
     return attend, qkv, ()
 
 
-def _program(case: BenchCase, cell: Cell) -> tuple[Callable, tuple, tuple]:
+def _program(mechanism: Mechanism, cell: Cell) -> tuple[Callable, tuple, tuple]:
     """``(f, differentiable inputs, constant inputs)`` with ``f(*diff, *const) -> out``."""
     if cell.subject == "matmul":
         keys = jax.random.split(jax.random.key(1))
         return jnp.matmul, tuple(_normal(key, (cell.length, cell.length)) for key in keys), ()
     pattern = None
     if cell.subject not in ("layer", "weights"):
-        pattern = reference_pattern(case, cell.subject, cell.scope)
+        pattern = reference_pattern(mechanism, cell.subject, cell.scope)
     if cell.scope == "layer":
-        return _layer_program(case, cell, pattern)
-    return _core_program(case, cell, pattern)
+        return _layer_program(mechanism, cell, pattern)
+    return _core_program(mechanism, cell, pattern)
 
 
-def build(case: BenchCase, cell: Cell) -> Workload:
-    """Compile the cell's program ahead of time and return its timed call."""
-    function, diff, const = _program(case, cell)
-    if cell.mode == "fwdbwd":
-        out_shape = jax.eval_shape(function, *diff, *const).shape
-        cotangent = _normal(jax.random.key(1), out_shape)
+def _arguments(mechanism: Mechanism, cell: Cell) -> tuple[Callable, tuple, tuple]:
+    """``(program, args, inputs)``: the cell's forward, or its gradient into every input."""
+    function, diff, const = _program(mechanism, cell)
+    if cell.mode == "fwd":
+        return function, (*diff, *const), (*diff, *const)
+    out_shape = jax.eval_shape(function, *diff, *const).shape
+    cotangent = _normal(jax.random.key(1), out_shape)
 
-        def loss(diff, const, cotangent):
-            return jnp.vdot(function(*diff, *const), cotangent)
+    def loss(diff, const, cotangent):
+        return jnp.vdot(function(*diff, *const), cotangent)
 
-        program, args = jax.grad(loss), (diff, const, cotangent)
-    else:
-        program, args = function, (*diff, *const)
-    start = time.perf_counter()
-    compiled = jax.jit(program).lower(*args).compile()
-    compile_s = time.perf_counter() - start
+    return jax.grad(loss), (diff, const, cotangent), (*diff, *const)
+
+
+def build(mechanism: Mechanism, cell: Cell, device: jax.Device | None = None) -> Workload:
+    """Compile the cell's program for ``device`` (default: the first CPU) ahead of time and
+    return its timed call."""
+    device = device or jax.devices("cpu")[0]
+    with jax.default_device(device):
+        program, args, inputs = _arguments(mechanism, cell)
+        args = jax.device_put(args, device)
+        start = time.perf_counter()
+        compiled = jax.jit(program).lower(*args).compile()
+        compile_s = time.perf_counter() - start
     analysis = compiled.memory_analysis()
     xla_bytes = None
     if analysis is not None:
@@ -200,4 +208,4 @@ def build(case: BenchCase, cell: Cell) -> Workload:
     def run() -> object:
         return jax.block_until_ready(compiled(*args))
 
-    return Workload(run, (*diff, *const), compile_s=compile_s, xla_bytes=xla_bytes)
+    return Workload(run, inputs, compile_s=compile_s, xla_bytes=xla_bytes)

@@ -1,7 +1,10 @@
 """Clocks and meters: median wall time after a warm-up, peak memory, the machine.
 
-Peak memory is measured two ways, one per framework, because no single meter is honest
-for both:
+The clock is the host's wall clock around ``run()``; every workload's ``run()`` waits for
+its device before returning (``torch.cuda.synchronize``, ``jax.block_until_ready``), so on
+an accelerator the time is the work's, not the launch's.
+
+Peak memory is measured three ways, because no single meter is honest for all:
 
 * PyTorch (CPU): the growth of the process's resident set during one call. Linux keeps a
   high-water mark (``VmHWM``) that writing ``5`` to ``/proc/self/clear_refs`` resets;
@@ -9,7 +12,9 @@ for both:
   earlier calls is counted too. PyTorch's CPU allocator is plain ``malloc``/``free``, so
   the figure is what the call holds at its peak: outputs, temporaries and, with a
   backward pass, gradients.
-* JAX (XLA:CPU): the executable's own buffer assignment, ``temp + output`` bytes from
+* PyTorch (CUDA): the caching allocator's own peak, ``torch.cuda.max_memory_allocated``
+  after ``torch.cuda.reset_peak_memory_stats``, above what was allocated before the call.
+* JAX (XLA, any device): the executable's own buffer assignment, ``temp + output`` bytes from
   ``compiled.memory_analysis()``. The resident set cannot be used: the XLA runtime keeps
   its buffers between calls, so the second call shows no growth.
 """
@@ -25,23 +30,30 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from .. import devices
 
 __all__ = [
+    "Meter",
     "Timing",
     "machine_description",
+    "peak_cuda_growth",
     "peak_rss_growth",
-    "time_calls",
     "time_interleaved",
 ]
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
 
+Meter = Callable[[Callable[[], object]], tuple[int | None, float]]
+"""Runs a call once and returns ``(peak bytes above the level before it, seconds)``."""
+
 
 @dataclass
 class Timing:
     """Wall times of the timed calls (warm-up excluded), of the warm-up call, and the
-    resident-set growth of the first timed call when it was metered."""
+    memory growth of the first timed call when it was metered."""
 
     times_s: list[float] = field(default_factory=list)
     warmup_s: float = 0.0
@@ -62,19 +74,20 @@ def time_interleaved(
     runs: list[Callable[[], object]],
     repeats: int,
     budget_s: float,
-    meter_rss: list[bool] | None = None,
+    meters: list[Meter | None] | None = None,
 ) -> list[Timing | Exception]:
     """Warm every call up once, then time them in turns: a, b, c, a, b, c, ...
 
     Taking turns puts a layer and its references under the same machine load, so their
     ratio holds on a shared machine even when the load drifts. Each call stops on its own
     after ``repeats`` timed runs or once ``budget_s`` seconds of them have passed (at
-    least one timed run), so a 10-second reference does not take a minute. With
-    ``meter_rss[i]`` the first timed run of call i also gives its ``peak_bytes``
-    (``peak_rss_growth``): after the warm-up, so one-time allocations are not counted.
-    A call that raises during its warm-up gets the exception instead of a ``Timing``.
+    least one timed run), so a 10-second reference does not take a minute. With a
+    ``meters[i]`` (``peak_rss_growth``, ``peak_cuda_growth``) the first timed run of call i
+    also gives its ``peak_bytes``: after the warm-up, so one-time allocations are not
+    counted. A call that raises during its warm-up gets the exception instead of a
+    ``Timing``.
     """
-    meter_rss = meter_rss or [False] * len(runs)
+    meters = meters or [None] * len(runs)
     gc.collect()
     outcomes: list[Timing | Exception] = []
     for run in runs:
@@ -95,21 +108,14 @@ def time_interleaved(
             if not wanted(index):
                 continue
             timing = outcomes[index]
-            if meter_rss[index] and not timing.times_s:
-                timing.peak_bytes, elapsed = peak_rss_growth(run)
+            meter = meters[index]
+            if meter is not None and not timing.times_s:
+                timing.peak_bytes, elapsed = meter(run)
             else:
                 elapsed = _timed(run)
             timing.times_s.append(elapsed)
             spent[index] += elapsed
     return outcomes
-
-
-def time_calls(run: Callable[[], object], repeats: int, budget_s: float) -> Timing:
-    """``time_interleaved`` for a single call."""
-    outcome = time_interleaved([run], repeats, budget_s)[0]
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
 
 
 def _status_kib(key: str) -> int:
@@ -144,6 +150,19 @@ def peak_rss_growth(run: Callable[[], object]) -> tuple[int | None, float]:
     return max(0, _status_kib("VmHWM") - before) * 1024, elapsed
 
 
+def peak_cuda_growth(run: Callable[[], object], device: Any = None) -> tuple[int, float]:
+    """``(bytes, seconds)``: how far PyTorch's CUDA allocations peaked above their level
+    before ``run()`` (which synchronizes itself), and the call's wall time."""
+    import torch
+
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    elapsed = _timed(run)
+    return max(0, torch.cuda.max_memory_allocated(device) - before), elapsed
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -155,13 +174,14 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_description() -> dict[str, object]:
-    """CPU model, core count, library versions and thread settings of this run."""
+def machine_description(device: str = "cpu", frameworks: tuple[str, ...] = ()) -> dict:
+    """CPU model, core count, library versions and thread settings of this run; off the
+    CPU also the accelerator (``devices.describe``) and the fp32 matmul precisions."""
     import flax
     import jax
     import torch
 
-    return {
+    description = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -170,4 +190,10 @@ def machine_description() -> dict[str, object]:
         "jax": jax.__version__,
         "flax": flax.__version__,
         "jax_backend": jax.default_backend(),
+        "device": device,
     }
+    if device != "cpu":
+        description["accelerator"] = devices.describe(device, frameworks)
+        description["torch_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        description["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
+    return description

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from .cases import BenchCase, visible_pairs
+from ..mechanisms import Mechanism
+from .cases import visible_pairs
 
 __all__ = [
     "MODES",
@@ -29,7 +31,10 @@ __all__ = [
     "SUBJECTS",
     "Cell",
     "Workload",
+    "bench_heads",
+    "bench_size",
     "estimated_bytes",
+    "layer_kwargs",
     "reference_pattern",
     "useful_flops",
 ]
@@ -37,6 +42,21 @@ __all__ = [
 SUBJECTS = ("layer", "weights", "same", "dense", "matmul")
 SCOPES = ("layer", "core")
 MODES = ("fwd", "fwdbwd")
+
+
+def bench_heads(mechanism: Mechanism) -> tuple[int, int]:
+    """``(H, K)``: query and kv heads at the benchmark's size."""
+    return mechanism.head_counts(mechanism.bench_kwargs)
+
+
+def bench_size(mechanism: Mechanism) -> int:
+    """The pattern's window, rate or block at the benchmark's size (0 when it has none)."""
+    return mechanism.size(mechanism.bench_kwargs)
+
+
+def layer_kwargs(mechanism: Mechanism, d_model: int) -> dict[str, Any]:
+    """The constructor arguments at the benchmark's size, with ``d_model`` replaced."""
+    return {**mechanism.bench_kwargs, "d_model": d_model}
 
 
 @dataclass(frozen=True)
@@ -48,7 +68,7 @@ class Cell:
     other rather than read from the sweep or another check, measured at another moment.
     """
 
-    case: str
+    case: str  # the mechanism's registry name
     framework: str
     subject: str
     scope: str
@@ -59,16 +79,17 @@ class Cell:
     batch: int = 1
     tag: str = ""
 
-    def key(self, case: BenchCase) -> tuple:
+    def key(self, mechanism: Mechanism) -> tuple:
         """Identity of the computation: a reference shared by mechanisms is measured once."""
         sizes = (self.scope, self.length, self.mode, self.is_causal, self.d_model, self.batch)
         if self.subject == "matmul":
             return (self.tag, self.framework, "matmul", self.length)
         if self.subject in ("layer", "weights"):
-            return (self.tag, self.framework, self.subject, case.name, *sizes)
-        pattern = reference_pattern(case, self.subject, self.scope)
-        size = case.size if pattern in ("local", "dilated", "block") else 0
-        return (self.tag, self.framework, "reference", pattern, size, case.head_counts(), *sizes)
+            return (self.tag, self.framework, self.subject, mechanism.name, *sizes)
+        pattern = reference_pattern(mechanism, self.subject, self.scope)
+        size = bench_size(mechanism) if pattern in ("local", "dilated", "block") else 0
+        heads = bench_heads(mechanism)
+        return (self.tag, self.framework, "reference", pattern, size, heads, *sizes)
 
     def describe(self) -> str:
         causal = " causal" if self.is_causal else ""
@@ -85,7 +106,11 @@ class Cell:
 @dataclass
 class Workload:
     """One call to time, and the arrays it reads (``inputs``: x, or q, k, v, then any mask
-    or bias); ``compile_s`` and ``xla_bytes`` are set by the JAX builders only."""
+    or bias); ``compile_s`` and ``xla_bytes`` are set by the JAX builders only.
+
+    ``run()`` returns only once the device has finished the call (``torch.cuda.synchronize``,
+    ``jax.block_until_ready``), so a wall clock around it times the work, not its launch.
+    """
 
     run: Callable[[], object]
     inputs: tuple = ()
@@ -93,23 +118,23 @@ class Workload:
     xla_bytes: int | None = None
 
 
-def reference_pattern(case: BenchCase, subject: str, scope: str) -> str | None:
+def reference_pattern(mechanism: Mechanism, subject: str, scope: str) -> str | None:
     """The pattern a reference subject computes; ``None`` where no fused kernel can."""
     if subject == "dense":
         return "dense"
-    if case.pattern == "linear":
+    if mechanism.pattern == "linear":
         return None
-    if case.pattern == "rope" and scope == "core":
+    if mechanism.pattern == "rope" and scope == "core":
         return "dense"  # the core receives q and k already rotated
-    return case.pattern
+    return mechanism.pattern
 
 
-def _shape(case: BenchCase, cell: Cell) -> tuple[int, int, int, int]:
-    heads, kv_heads = case.head_counts()
+def _shape(mechanism: Mechanism, cell: Cell) -> tuple[int, int, int, int]:
+    heads, kv_heads = bench_heads(mechanism)
     return heads, kv_heads, cell.d_model // heads, cell.batch
 
 
-def useful_flops(case: BenchCase, cell: Cell) -> float | None:
+def useful_flops(mechanism: Mechanism, cell: Cell) -> float | None:
     """FLOPs of the function the cell computes, counting only the q·k pairs it lets through.
 
     Softmax attention: ``4·B·H·D`` per visible pair (``q·k`` and ``p·v``); linear
@@ -119,16 +144,16 @@ def useful_flops(case: BenchCase, cell: Cell) -> float | None:
     """
     if cell.subject == "matmul":
         return 2.0 * cell.length**3
-    heads, kv_heads, d_head, batch = _shape(case, cell)
+    heads, kv_heads, d_head, batch = _shape(mechanism, cell)
     length, width = cell.length, cell.d_model
-    pattern = case.pattern if cell.subject in ("layer", "weights") else None
-    pattern = pattern or reference_pattern(case, cell.subject, cell.scope)
+    pattern = mechanism.pattern if cell.subject in ("layer", "weights") else None
+    pattern = pattern or reference_pattern(mechanism, cell.subject, cell.scope)
     if pattern is None:
         return None
     if pattern == "linear":
         core = 4 * batch * heads * length * d_head * d_head
     else:
-        pairs = visible_pairs(pattern, case.size, length, cell.is_causal)
+        pairs = visible_pairs(pattern, bench_size(mechanism), length, cell.is_causal)
         core = 4 * batch * heads * d_head * pairs
     projections = 0
     if cell.scope == "layer":
@@ -138,7 +163,7 @@ def useful_flops(case: BenchCase, cell: Cell) -> float | None:
     return 3.0 * total if cell.mode == "fwdbwd" else total
 
 
-def estimated_bytes(case: BenchCase, cell: Cell) -> int:
+def estimated_bytes(mechanism: Mechanism, cell: Cell) -> int:
     """A rough estimate of the ``L×L`` memory a cell needs (0 for the O(L) paths).
 
     Used only to skip what would not fit: the weights path and the XLA reference hold a
@@ -148,15 +173,15 @@ def estimated_bytes(case: BenchCase, cell: Cell) -> int:
     """
     if cell.subject == "matmul":
         return 0
-    heads, _, _, batch = _shape(case, cell)
+    heads, _, _, batch = _shape(mechanism, cell)
     scores = 4 * batch * heads * cell.length * cell.length
     backward = 2 if cell.mode == "fwdbwd" else 1
     if cell.subject == "weights":
         return 3 * scores
     if cell.subject == "layer":
-        dense_jax = cell.framework == "jax" and case.pattern in ("dense", "alibi", "rope")
+        dense_jax = cell.framework == "jax" and mechanism.pattern in ("dense", "alibi", "rope")
         return 2 * scores if dense_jax and cell.mode == "fwdbwd" else 0
-    pattern = reference_pattern(case, cell.subject, cell.scope)
+    pattern = reference_pattern(mechanism, cell.subject, cell.scope)
     if cell.framework == "jax":
         return 3 * scores * backward
     if pattern == "alibi":

@@ -6,13 +6,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from .cases import BenchCase
+from ..mechanisms import Mechanism
 from .plan import Cell
 from .targets import Check
 
 __all__ = ["format_checks", "format_rows", "plot", "sweep"]
 
 _MODE_NAMES = {"fwd": "fwd", "fwdbwd": "f+b"}
+_MEMORY_METHODS = {"rss": "RSS growth", "cuda": "CUDA allocator peak", "xla": "XLA temp + output"}
 
 
 def _mode_figures(bench, cell: Cell, refs: Sequence[str]) -> dict:
@@ -38,9 +39,9 @@ def _mode_figures(bench, cell: Cell, refs: Sequence[str]) -> dict:
 
 def sweep(
     bench,
-    cases: Iterable[BenchCase],
+    mechanisms: Iterable[Mechanism],
     frameworks: Sequence[str],
-    lengths: Callable[[BenchCase], Sequence[int]],
+    lengths: Callable[[Mechanism], Sequence[int]],
     modes: Sequence[str],
     refs: Sequence[str],
     *,
@@ -54,13 +55,13 @@ def sweep(
     ``bench`` is a ``Bench`` or a ``Planner`` (anything with ``measure_group``).
     """
     rows = []
-    for case in cases:
+    for mechanism in mechanisms:
         for framework in frameworks:
-            for length in lengths(case):
-                row = {"mechanism": case.name, "framework": framework, "length": length}
+            for length in lengths(mechanism):
+                row = {"mechanism": mechanism.name, "framework": framework, "length": length}
                 for mode in modes:
                     cell = Cell(
-                        case.name,
+                        mechanism.name,
                         framework,
                         "layer",
                         scope,
@@ -189,6 +190,16 @@ def _guides(axis, lengths, values) -> None:
         )
 
 
+def _memory_label(rows, mechanism) -> str:
+    """``"MiB (torch: RSS growth; jax: XLA temp + output)"``: each framework's meter."""
+    methods = {}
+    for row in rows:
+        for figures in (row[mode] for mode in _MODE_NAMES if mode in row):
+            if row["mechanism"] == mechanism and figures["memory_method"]:
+                methods.setdefault(row["framework"], _MEMORY_METHODS[figures["memory_method"]])
+    return "MiB (" + "; ".join(f"{fw}: {name}" for fw, name in methods.items()) + ")"
+
+
 def _mechanism_figure(plt, rows, mechanism, frameworks, modes, refs, path: Path) -> bool:
     fig, (times, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"torch": "tab:red", "jax": "tab:blue"}
@@ -226,7 +237,7 @@ def _mechanism_figure(plt, rows, mechanism, frameworks, modes, refs, path: Path)
         times.set_title(f"{mechanism}: median time")
         times.set_ylabel("ms")
         memory.set_title(f"{mechanism}: peak memory of one call")
-        memory.set_ylabel("MiB (torch: RSS growth; jax: XLA temp + output)")
+        memory.set_ylabel(_memory_label(rows, mechanism))
         lengths = sorted({row["length"] for row in rows if row["mechanism"] == mechanism})
         for axis in (times, memory):
             _log_axes(axis, lengths)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from .. import devices
+from ..mechanisms import Mechanism, by_name
 from . import jax_runs, torch_runs
-from .cases import BenchCase, by_name
-from .measure import time_interleaved
+from .measure import Meter, peak_cuda_growth, peak_rss_growth, time_interleaved
 from .plan import Cell, estimated_bytes, reference_pattern, useful_flops
 
 __all__ = ["Bench", "Measurement", "Planner"]
@@ -70,19 +71,19 @@ class Measurement:
         }
 
 
-def _unavailable(case: BenchCase, cell: Cell) -> Measurement | None:
+def _unavailable(mechanism: Mechanism, cell: Cell) -> Measurement | None:
     """A measurement that cannot run, with the reason; ``None`` if it can."""
     if cell.subject == "matmul":
         return None
-    if not _RUNS[cell.framework].available(case):
+    if not mechanism.available(cell.framework):
         return Measurement(
-            cell, "missing", f"{case.class_name} not in attentions_{cell.framework} yet"
+            cell, "missing", f"{mechanism.class_name} not in attentions_{cell.framework} yet"
         )
     if (
         cell.subject in ("same", "dense")
-        and reference_pattern(case, cell.subject, cell.scope) is None
+        and reference_pattern(mechanism, cell.subject, cell.scope) is None
     ):
-        return Measurement(cell, "n/a", f"no fused kernel computes {case.name}")
+        return Measurement(cell, "n/a", f"no fused kernel computes {mechanism.name}")
     return None
 
 
@@ -99,11 +100,11 @@ class Planner:
     def measure_group(self, cells: list[Cell]) -> list[Measurement]:
         group, answers = [], []
         for cell in cells:
-            case = by_name(cell.case)
-            unavailable = _unavailable(case, cell)
+            mechanism = by_name(cell.case)
+            unavailable = _unavailable(mechanism, cell)
             answers.append(unavailable or Measurement(cell, "planned"))
-            if unavailable is None and cell.key(case) not in self._seen:
-                self._seen.add(cell.key(case))
+            if unavailable is None and cell.key(mechanism) not in self._seen:
+                self._seen.add(cell.key(mechanism))
                 group.append(cell)
         if group:
             self.groups.append(group)
@@ -119,37 +120,54 @@ class Bench:
 
     ``repeats`` timed calls at most, stopping once ``budget_s`` seconds of timed calls
     have passed; cells estimated to need more than ``max_bytes`` of ``LxL`` memory are
-    skipped.
+    skipped. Everything runs on ``device`` (a name of ``parity.devices.DEVICES``).
     """
 
-    def __init__(self, repeats: int, budget_s: float, max_bytes: int) -> None:
+    def __init__(self, repeats: int, budget_s: float, max_bytes: int, device: str = "cpu") -> None:
         self.repeats = repeats
         self.budget_s = budget_s
         self.max_bytes = max_bytes
+        self.device = device
         self.results: dict[tuple, Measurement] = {}
+        self._devices: dict[str, object] = {}
+
+    def framework_device(self, framework: str):
+        """The ``torch.device`` or ``jax.Device`` of this run (looked up once)."""
+        if framework not in self._devices:
+            self._devices.update(devices.require(self.device, [framework]))
+        return self._devices[framework]
+
+    def _meter(self, framework: str) -> tuple[Meter | None, str]:
+        """How a framework's peak memory is measured here, and the method's name."""
+        if framework == "jax":
+            return None, "xla"
+        if self.device == "cpu":
+            return peak_rss_growth, "rss"
+        device = self.framework_device("torch")
+        return (lambda run: peak_cuda_growth(run, device)), "cuda"
 
     def measure(self, cell: Cell) -> Measurement:
         return self.measure_group([cell])[0]
 
     def measure_group(self, cells: list[Cell]) -> list[Measurement]:
         """Measure the cells not measured yet together (interleaved), then answer all."""
-        fresh: dict[tuple, tuple[BenchCase, Cell]] = {}
+        fresh: dict[tuple, tuple[Mechanism, Cell]] = {}
         for cell in cells:
-            case = by_name(cell.case)
-            key = cell.key(case)
-            if _unavailable(case, cell) is None and key not in self.results:
-                fresh.setdefault(key, (case, cell))
+            mechanism = by_name(cell.case)
+            key = cell.key(mechanism)
+            if _unavailable(mechanism, cell) is None and key not in self.results:
+                fresh.setdefault(key, (mechanism, cell))
         self._run(fresh)
         answers = []
         for cell in cells:
-            case = by_name(cell.case)
-            answers.append(_unavailable(case, cell) or self.results[cell.key(case)])
+            mechanism = by_name(cell.case)
+            answers.append(_unavailable(mechanism, cell) or self.results[cell.key(mechanism)])
         return answers
 
-    def _run(self, fresh: dict[tuple, tuple[BenchCase, Cell]]) -> None:
+    def _run(self, fresh: dict[tuple, tuple[Mechanism, Cell]]) -> None:
         ready = []
-        for key, (case, cell) in fresh.items():
-            needed = estimated_bytes(case, cell)
+        for key, (mechanism, cell) in fresh.items():
+            needed = estimated_bytes(mechanism, cell)
             if needed > self.max_bytes:
                 self.results[key] = Measurement(
                     cell,
@@ -158,32 +176,37 @@ class Bench:
                     f"{self.max_bytes / 2**30:g}",
                 )
                 continue
+            device = self.framework_device(cell.framework)
             try:
-                ready.append((key, case, cell, _RUNS[cell.framework].build(case, cell)))
+                workload = _RUNS[cell.framework].build(mechanism, cell, device)
             except Exception as error:  # a mechanism still in the making must not stop the run
                 self.results[key] = _failed(cell, error)
+                continue
+            ready.append((key, mechanism, cell, workload))
         if not ready:
             return
+        meters = [self._meter(cell.framework) for _, _, cell, _ in ready]
         outcomes = time_interleaved(
             [workload.run for *_, workload in ready],
             self.repeats,
             self.budget_s,
-            meter_rss=[cell.framework == "torch" for _, _, cell, _ in ready],
+            meters=[meter for meter, _ in meters],
         )
-        for (key, case, cell, workload), timing in zip(ready, outcomes, strict=True):
+        for (key, mechanism, cell, workload), timing, (meter, method) in zip(
+            ready, outcomes, meters, strict=True
+        ):
             if isinstance(timing, Exception):
                 self.results[key] = _failed(cell, timing)
                 continue
-            on_torch = cell.framework == "torch"
             self.results[key] = Measurement(
                 cell,
                 "ok",
                 times_s=timing.times_s,
                 warmup_s=timing.warmup_s,
                 compile_s=workload.compile_s,
-                peak_bytes=timing.peak_bytes if on_torch else workload.xla_bytes,
-                memory_method="rss" if on_torch else "xla",
-                flops=useful_flops(case, cell),
+                peak_bytes=workload.xla_bytes if meter is None else timing.peak_bytes,
+                memory_method=method,
+                flops=useful_flops(mechanism, cell),
             )
 
     def measurements(self) -> list[Measurement]:

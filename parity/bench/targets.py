@@ -1,20 +1,31 @@
-"""The speed targets of issue 6 (and of issues 4 and 5), as ratios measured in one run.
+"""The speed targets of the README's "Benchmarks" section, as ratios measured in one run.
 
 Every check is a ratio or a time computed from cells measured in the same process, so
 the load of a shared machine moves both sides together. A check whose mechanism is not in
 the packages yet reads "not available yet"; one whose measurement was skipped or failed
-says why.
+says why. ``failures`` picks the checks that fail a ``--check`` run: "missed" and "error".
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
-from .cases import CASES
+from .. import mechanisms
 from .plan import SCOPES, Cell
 
-__all__ = ["FULL_SIZES", "NEED_WEIGHTS_MS", "QUICK_SIZES", "Check", "TargetSizes", "checks"]
+__all__ = [
+    "FAILING",
+    "FULL_SIZES",
+    "NEED_WEIGHTS_MS",
+    "QUICK_SIZES",
+    "Check",
+    "TargetSizes",
+    "checks",
+    "failures",
+    "format_failures",
+]
 
 DENSE_FAMILY = ("multi_head", "grouped", "rotary", "alibi")
 
@@ -44,7 +55,6 @@ class TargetSizes:
     weights: int = 2048
     weights_d_model: int = 128
     matmul: int = 2048
-    quick: bool = False
 
 
 FULL_SIZES = TargetSizes()
@@ -58,7 +68,6 @@ QUICK_SIZES = TargetSizes(
     weights=128,
     weights_d_model=32,
     matmul=256,
-    quick=True,
 )
 
 
@@ -82,6 +91,37 @@ class Check:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def describe(self) -> str:
+        """``"[torch] multi_head fwd L=2048: 1.20x, goal <= 1.15x (missed)"``, for failures."""
+        value = "-" if self.value is None else f"{self.value:.2f}{self.unit}"
+        goal = ""
+        if self.goal is not None:
+            goal = f", goal {'>=' if self.at_least else '<='} {self.goal:g}{self.unit}"
+        detail = f": {self.detail}" if self.detail else ""
+        return f"[{self.framework}] {self.label}: {value}{goal} ({self.status}{detail})"
+
+
+FAILING = ("missed", "error")
+"""The statuses that fail ``--check``; "not available yet", "skipped", "info" do not."""
+
+
+def failures(found: Sequence[Check]) -> list[Check]:
+    """The checks that fail a ``--check`` run: goals missed, and measurements that raised."""
+    return [check for check in found if check.status in FAILING]
+
+
+def format_failures(found: Sequence[Check]) -> str:
+    """What a failed ``--check`` prints: each failing target by name, under its group."""
+    failed = failures(found)
+    lines = [f"check failed: {len(failed)} of {len(found)} targets missed or in error"]
+    group = None
+    for check in failed:
+        if check.group != group:
+            group = check.group
+            lines.append(f"  {group}")
+        lines.append(f"    {check.describe()}")
+    return "\n".join(lines)
 
 
 _JAX_GROUP = (
@@ -279,12 +319,12 @@ class _Checks:
             f"need_weights=True forward at L={self.sizes.weights}, d_model="
             f"{self.sizes.weights_d_model}: time vs the reference implementation's figure"
         )
-        for case in CASES:
-            goal = NEED_WEIGHTS_MS.get(case.name)
+        for mechanism in mechanisms.MECHANISMS:
+            goal = NEED_WEIGHTS_MS.get(mechanism.name)
             for framework in ("torch", "jax"):
                 (measured,) = self.measure(
                     self.cell(
-                        case.name,
+                        mechanism.name,
                         framework,
                         "weights",
                         "layer",
@@ -297,7 +337,7 @@ class _Checks:
                     reference = "no reference figure" if goal is None else f"reference {goal:g} ms"
                     return measured.median_s * 1e3, reference
 
-                self.add(group, case.name, framework, (measured,), compute, goal, False, "ms")
+                self.add(group, mechanism.name, framework, (measured,), compute, goal, False, "ms")
 
 
 def checks(bench, sizes: TargetSizes) -> list[Check]:

@@ -3,7 +3,9 @@
 Each builder returns a ``Workload`` whose ``run()`` makes one call (forward under
 ``torch.no_grad()``, or forward plus ``backward`` of a fixed cotangent into the inputs and
 every weight). The references reuse the layer's own weights, so both sides multiply the
-same matrices.
+same matrices. Inputs, weights and masks are made on the CPU (the same numbers on every
+device) and moved to the run's device; on CUDA ``run()`` ends with
+``torch.cuda.synchronize()``, since kernels are launched asynchronously.
 """
 
 from __future__ import annotations
@@ -16,24 +18,25 @@ from torch import Tensor
 
 import attentions_torch
 
-from .cases import BenchCase, alibi_slopes
-from .plan import Cell, Workload, reference_pattern
+from ..mechanisms import Mechanism
+from .cases import alibi_slopes
+from .plan import Cell, Workload, bench_heads, bench_size, layer_kwargs, reference_pattern
 
-__all__ = ["available", "build", "reference_mask"]
+__all__ = ["build", "reference_mask"]
+
+_CPU = torch.device("cpu")
 
 
-def available(case: BenchCase) -> bool:
-    return hasattr(attentions_torch, case.class_name)
-
-
-def reference_mask(case: BenchCase, pattern: str, length: int, is_causal: bool) -> Tensor | None:
+def reference_mask(
+    mechanism: Mechanism, pattern: str, length: int, is_causal: bool
+) -> Tensor | None:
     """What SDPA receives as ``attn_mask``: a boolean keep-mask, or ALiBi's float bias.
 
     The bias is ``(1, H, L, L)``: a rank-3 float mask makes SDPA's CPU kernel copy it.
     """
     causal = attentions_torch.causal_mask(length) if is_causal else None
     if pattern == "alibi":
-        slopes = torch.tensor(alibi_slopes(case.head_counts()[0]), dtype=torch.float32)
+        slopes = torch.tensor(alibi_slopes(bench_heads(mechanism)[0]), dtype=torch.float32)
         positions = torch.arange(length, dtype=torch.float32)
         distance = (positions[:, None] - positions[None, :]).abs()
         bias = -slopes[:, None, None] * distance
@@ -46,7 +49,8 @@ def reference_mask(case: BenchCase, pattern: str, length: int, is_causal: bool) 
         "block": attentions_torch.block_mask,
     }
     if pattern in builders:
-        return attentions_torch.combine_masks(builders[pattern](length, case.size), causal)
+        keep = builders[pattern](length, bench_size(mechanism))
+        return attentions_torch.combine_masks(keep, causal)
     return None
 
 
@@ -87,7 +91,9 @@ def _by_hand(layer: torch.nn.Module, attention: Callable, rope: bool) -> Callabl
     return forward
 
 
-def _function(case: BenchCase, cell: Cell, layer: torch.nn.Module | None) -> Callable:
+def _function(
+    mechanism: Mechanism, cell: Cell, layer: torch.nn.Module | None, device: torch.device
+) -> Callable:
     """The function the cell times, of the inputs ``_inputs`` makes."""
     if cell.subject in ("layer", "weights"):
         need_weights = cell.subject == "weights"
@@ -96,58 +102,71 @@ def _function(case: BenchCase, cell: Cell, layer: torch.nn.Module | None) -> Cal
                 q, k, v, None, is_causal=cell.is_causal, need_weights=need_weights
             )[0]
         return lambda x: layer(x, is_causal=cell.is_causal, need_weights=need_weights)
-    pattern = reference_pattern(case, cell.subject, cell.scope)
-    mask = reference_mask(case, pattern, cell.length, cell.is_causal)
-    heads, kv_heads = case.head_counts()
+    pattern = reference_pattern(mechanism, cell.subject, cell.scope)
+    mask = reference_mask(mechanism, pattern, cell.length, cell.is_causal)
+    mask = None if mask is None else mask.to(device)
+    heads, kv_heads = bench_heads(mechanism)
     attention = _sdpa(heads, kv_heads, mask, cell.is_causal)
     if cell.scope == "core":
         return attention
     return _by_hand(layer, attention, rope=pattern == "rope")
 
 
-def _inputs(case: BenchCase, cell: Cell) -> list[Tensor]:
+def _inputs(mechanism: Mechanism, cell: Cell, device: torch.device) -> list[Tensor]:
     """x, or q, k, v: from their own generator, the same whether a layer was built or not."""
     generator = torch.Generator().manual_seed(1)
-    heads, kv_heads = case.head_counts()
+    heads, kv_heads = bench_heads(mechanism)
     batch, length, d_head = cell.batch, cell.length, cell.d_model // heads
     if cell.scope == "layer":
-        return [torch.randn(batch, length, cell.d_model, generator=generator)]
-    return [
-        torch.randn(batch, heads, length, d_head, generator=generator),
-        torch.randn(batch, kv_heads, length, d_head, generator=generator),
-        torch.randn(batch, kv_heads, length, d_head, generator=generator),
-    ]
+        shapes = [(batch, length, cell.d_model)]
+    else:
+        shapes = [(batch, count, length, d_head) for count in (heads, kv_heads, kv_heads)]
+    return [torch.randn(shape, generator=generator).to(device) for shape in shapes]
 
 
-def build(case: BenchCase, cell: Cell) -> Workload:
-    """The workload of ``cell``; the layer is built with seed 0 and put in eval mode.
+def _synchronized(call: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``call`` followed, on CUDA, by a wait for its kernels (a no-op wrapper on the CPU)."""
+    if device.type != "cuda":
+        return call
+
+    def run() -> object:
+        out = call()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def build(mechanism: Mechanism, cell: Cell, device: torch.device = _CPU) -> Workload:
+    """The workload of ``cell`` on ``device``; the layer is built with seed 0, in eval mode.
 
     A reference on the core needs no layer, so it runs before the mechanism exists.
     """
     if cell.subject == "matmul":
         generator = torch.Generator().manual_seed(1)
         a, b = (torch.randn(cell.length, cell.length, generator=generator) for _ in range(2))
-        return Workload(lambda: a @ b, (a, b))
+        a, b = a.to(device), b.to(device)
+        return Workload(_synchronized(lambda: a @ b, device), (a, b))
     torch.manual_seed(0)
     layer = None
     if cell.scope == "layer" or cell.subject in ("layer", "weights"):
-        layer = getattr(attentions_torch, case.class_name)(**case.constructor_kwargs(cell.d_model))
-        layer.eval()
-    function = _function(case, cell, layer)
-    inputs = _inputs(case, cell)
+        layer = mechanism.layer_class("torch")(**layer_kwargs(mechanism, cell.d_model))
+        layer.eval().to(device)
+    function = _function(mechanism, cell, layer, device)
+    inputs = _inputs(mechanism, cell, device)
     if cell.mode == "fwd":
 
         def forward() -> object:
             with torch.no_grad():
                 return function(*inputs)
 
-        return Workload(forward, tuple(inputs))
+        return Workload(_synchronized(forward, device), tuple(inputs))
 
-    heads = case.head_counts()[0]
+    heads = bench_heads(mechanism)[0]
     out_shape = (cell.batch, cell.length, cell.d_model)
     if cell.scope == "core":
         out_shape = (cell.batch, heads, cell.length, cell.d_model // heads)
-    cotangent = torch.randn(out_shape, generator=torch.Generator().manual_seed(2))
+    cotangent = torch.randn(out_shape, generator=torch.Generator().manual_seed(2)).to(device)
     leaves = [*inputs, *layer.parameters()] if cell.scope == "layer" else inputs
     for leaf in leaves:
         leaf.requires_grad_(True)
@@ -160,4 +179,4 @@ def build(case: BenchCase, cell: Cell) -> Workload:
         out.backward(cotangent)
         return out
 
-    return Workload(forward_backward, tuple(inputs))
+    return Workload(_synchronized(forward_backward, device), tuple(inputs))
