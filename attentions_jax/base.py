@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from ._validation import validate_heads, validate_input, validate_options
+from ._validation import validate_heads, validate_input, validate_options, validate_rope_base
 from .functional import dot_product_attention, merge_heads, split_heads
 from .masks import as_keep_mask
 from .rope import apply_rope
@@ -35,8 +35,6 @@ class SelfAttention(nn.Module):
     (E -> E) as ``nn.Dense``, Xavier-uniform kernels, zero biases.
     """
 
-    rope_base = 10000.0  # a constructor argument (field) of RotarySelfAttention only
-
     d_model: int
     input_dim: int | None = _option(None)
     dropout: float = _option(0.0)
@@ -44,6 +42,7 @@ class SelfAttention(nn.Module):
     temperature: float = _option(1.0)
     rope: bool = _option(False)
     rope_interleaved: bool = _option(True)
+    rope_base: float = _option(10000.0)
 
     def __post_init__(self) -> None:
         num_heads, num_kv_heads = self.head_counts()
@@ -55,6 +54,7 @@ class SelfAttention(nn.Module):
             rope=self.rope,
             d_head=d_head,
         )
+        validate_rope_base(self.rope_base)
         super().__post_init__()
 
     def head_counts(self) -> tuple[int, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ._validation import validate_rope_base
 from .base import SelfAttention, _option
 
 __all__ = ["RotarySelfAttention"]
@@ -26,12 +25,7 @@ class RotarySelfAttention(SelfAttention):
     """
 
     num_heads: int
-    rope_base: float = 10000.0
     rope: bool = _option(True)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        validate_rope_base(self.rope_base)
 
     def head_counts(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads

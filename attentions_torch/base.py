@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validation import validate_heads, validate_input, validate_options
+from ._validation import validate_heads, validate_input, validate_options, validate_rope_base
 from .functional import dot_product_attention, merge_heads, split_heads
 from .masks import as_keep_mask
 from .rope import apply_rope
@@ -30,8 +30,6 @@ class SelfAttention(nn.Module):
     (E -> E), Xavier-uniform weights, zero biases.
     """
 
-    rope_base: float = 10000.0  # a constructor argument of RotarySelfAttention only
-
     def __init__(
         self,
         d_model: int,
@@ -44,12 +42,14 @@ class SelfAttention(nn.Module):
         temperature: float = 1.0,
         rope: bool = False,
         rope_interleaved: bool = True,
+        rope_base: float = 10000.0,
     ) -> None:
         super().__init__()
         d_head = validate_heads(d_model, num_heads, num_kv_heads)
         validate_options(
             input_dim=input_dim, dropout=dropout, temperature=temperature, rope=rope, d_head=d_head
         )
+        validate_rope_base(rope_base)
         self.d_model = d_model
         self.input_dim = d_model if input_dim is None else input_dim
         self.num_heads = num_heads
@@ -59,6 +59,7 @@ class SelfAttention(nn.Module):
         self.temperature = temperature
         self.rope = rope
         self.rope_interleaved = rope_interleaved
+        self.rope_base = float(rope_base)
         self.w_q = nn.Linear(self.input_dim, num_heads * d_head, bias=bias)
         self.w_k = nn.Linear(self.input_dim, num_kv_heads * d_head, bias=bias)
         self.w_v = nn.Linear(self.input_dim, num_kv_heads * d_head, bias=bias)
@@ -150,4 +151,5 @@ class SelfAttention(nn.Module):
         return (
             f"d_model={self.d_model}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, rope={self.rope}"
+            + (f", rope_base={self.rope_base}" if self.rope else "")
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._validation import validate_rope_base
 from .base import SelfAttention
 
 __all__ = ["RotarySelfAttention"]
@@ -30,14 +29,8 @@ class RotarySelfAttention(SelfAttention):
         self,
         d_model: int,
         num_heads: int,
-        rope_base: float = 10000.0,
         *,
         rope: bool = True,
         **options: Any,
     ) -> None:
         super().__init__(d_model, num_heads, num_heads, rope=rope, **options)
-        validate_rope_base(rope_base)
-        self.rope_base = float(rope_base)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rope_base={self.rope_base}"

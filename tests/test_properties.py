@@ -43,7 +43,7 @@ LENGTHS = st.sampled_from([1, 2, 3, 5, 7, 8, 11, 13, 16, 17])
 PATTERN_OPTIONS = {
     "dense": {},
     "alibi": {},
-    "rope": {},  # RoPE on, and rope_base drawn, in configs()
+    "rope": {},  # RoPE on (for every pattern that may take it), and rope_base, in configs()
     "local": {"window_size": st.integers(1, 9)},
     "dilated": {"dilation_rate": st.integers(1, 5)},
     "block": {"block_size": st.integers(1, 7)},
@@ -84,8 +84,6 @@ def configs(draw, mechanism: Mechanism) -> dict:
     if rope:
         config["rope"] = True
         config["rope_interleaved"] = draw(st.booleans(), label="rope_interleaved")
-    if mechanism.pattern == "rope":  # docs/semantics.md gives every class rope_base; the packages
-        # take it on RotarySelfAttention only so far
         config["rope_base"] = draw(st.sampled_from([10000.0, 500.0]), label="rope_base")
     if mechanism.softmax:
         temperatures = st.one_of(st.just(1.0), st.floats(0.25, 4.0))

@@ -111,8 +111,8 @@ def test_half_split_parity(dtype, rng):
     """LLaMA layout with a small base, every gradient included, within the tolerances (the default
     configuration runs through tests/test_parity.py)."""
     helpers.check_parity(
-        at.RotarySelfAttention(E, H, 500.0, rope_interleaved=False),
-        aj.RotarySelfAttention(E, H, 500.0, rope_interleaved=False),
+        at.RotarySelfAttention(E, H, rope_base=500.0, rope_interleaved=False),
+        aj.RotarySelfAttention(E, H, rope_base=500.0, rope_interleaved=False),
         rng.standard_normal((B, L, E)),
         _blind_row_mask(rng),
         is_causal=True,
@@ -122,8 +122,8 @@ def test_half_split_parity(dtype, rng):
 
 def test_parity_under_jit(rng):
     helpers.check_parity(
-        at.RotarySelfAttention(E, H, 500.0),
-        aj.RotarySelfAttention(E, H, 500.0),
+        at.RotarySelfAttention(E, H, rope_base=500.0),
+        aj.RotarySelfAttention(E, H, rope_base=500.0),
         rng.standard_normal((B, L, E)),
         _blind_row_mask(rng),
         need_weights=False,
@@ -136,9 +136,9 @@ def test_constructor_defaults_and_state():
     torch_layer, flax_layer = at.RotarySelfAttention(E, H), aj.RotarySelfAttention(E, H)
     for layer in (torch_layer, flax_layer):
         assert (layer.rope, layer.rope_interleaved, layer.rope_base) == (True, True, 10000.0)
-    assert (
-        at.RotarySelfAttention(E, H, 500).rope_base == aj.RotarySelfAttention(E, H, 500).rope_base
-    )
+    for name in ("RotarySelfAttention", "MultiHeadSelfAttention"):
+        torch_base = getattr(at, name)(E, H, rope_base=500.0).rope_base
+        assert torch_base == getattr(aj, name)(E, H, rope_base=500.0).rope_base == 500.0
     assert sorted(torch_layer.state_dict()) == [
         "w_k.weight",
         "w_o.weight",
@@ -177,10 +177,19 @@ BAD = {
         ("ALiBiSelfAttention", (12, 4), {"rope": True}),
         "rope needs an even head width",
     ),
-    "zero base": (("RotarySelfAttention", (E, H, 0.0), {}), "rope_base must be"),
-    "negative base": (("RotarySelfAttention", (E, H, -10.0), {}), "rope_base must be"),
-    "nan base": (("RotarySelfAttention", (E, H, float("nan")), {}), "rope_base must be"),
-    "infinite base": (("RotarySelfAttention", (E, H, float("inf")), {}), "rope_base must be"),
+    "zero base": (("RotarySelfAttention", (E, H), {"rope_base": 0.0}), "rope_base must be"),
+    "negative base": (
+        ("GroupedSelfAttention", (E, H, 2), {"rope": True, "rope_base": -10.0}),
+        "rope_base must be",
+    ),
+    "nan base": (
+        ("LocalSelfAttention", (E, 4, H), {"rope_base": float("nan")}),
+        "rope_base must be",
+    ),
+    "infinite base": (
+        ("LinearSelfAttention", (E, H), {"rope_base": float("inf")}),
+        "rope_base must be",
+    ),
 }
 
 
@@ -192,3 +201,19 @@ def test_invalid_configuration(case):
     with pytest.raises(ValueError, match=message) as jax_error:
         getattr(aj, class_name)(*args, **options)
     assert str(torch_error.value) == str(jax_error.value)
+
+
+def test_llama3_grouped_layer_takes_its_rope_base(rng):
+    """``GroupedSelfAttention(..., rope=True, rope_interleaved=False, rope_base=500000.0)``:
+    LLaMA 3's attention, against the float64 reference, in both frameworks."""
+    mechanism = by_name("grouped")
+    config = {
+        "d_model": 32,
+        "num_query_heads": 4,
+        "num_kv_heads": 2,
+        "rope": True,
+        "rope_interleaved": False,
+        "rope_base": 500000.0,
+    }
+    x = rng.standard_normal((B, L, 32))
+    helpers.check_reference(mechanism, config, x, is_causal=True)
