@@ -33,7 +33,8 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 
 class ALiBiSelfAttention(SelfAttention):
     """Multi-head self-attention with linear biases: scores
-    ``q·k / (sqrt(D) * temperature) - m_h * abs(i - j)``.
+    ``q·k / (sqrt(D) * temperature) - m_h * abs(p_i - s_j)`` on the positions of query i
+    and key j (``0..L-1`` in a self-attention call).
 
     The bias is made per call from positions for the length at hand, so any L works and
     the params hold only the projections. Complexity: O(L² · E) time; the fast path
@@ -48,6 +49,8 @@ class ALiBiSelfAttention(SelfAttention):
     """
 
     num_heads: int
+
+    positional = True
 
     def head_counts(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads

@@ -2,8 +2,9 @@
 
 A mechanism is a subclass: the dense ones differ only in their head counts and core
 options (ALiBi's slopes); the sparse ones compute their pattern on tiles in their own
-``attend`` (``sparse.py``). Shape legend: B batch, L length, H query heads, K kv heads,
-D head width, E model width.
+``attend`` (``sparse.py``). Shape legend: B batch, L query length, S key length (``S = L``
+in self-attention, the context's length in cross-attention), H query heads, K kv heads,
+D head width, E model width, C context width.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from ._validation import validate_heads, validate_input, validate_options, validate_rope_base
+from ._validation import (
+    validate_context,
+    validate_heads,
+    validate_input,
+    validate_options,
+    validate_rope_base,
+)
 from .functional import dot_product_attention, merge_heads, split_heads
 from .masks import as_keep_mask
 from .rope import apply_rope
@@ -31,8 +38,9 @@ def _option(default):
 class SelfAttention(nn.Module):
     """Dense softmax self-attention; subclasses fix the head counts and the pattern.
 
-    Parameters: ``w_q`` (input_dim -> H*D), ``w_k``/``w_v`` (input_dim -> K*D), ``w_o``
-    (E -> E) as ``nn.Dense``, Xavier-uniform kernels, zero biases.
+    Parameters: ``w_q`` (input_dim -> H*D), ``w_k``/``w_v`` (context_dim -> K*D; context_dim
+    defaults to input_dim), ``w_o`` (E -> E) as ``nn.Dense``, Xavier-uniform kernels, zero
+    biases.
     """
 
     d_model: int
@@ -43,6 +51,11 @@ class SelfAttention(nn.Module):
     rope: bool = _option(False)
     rope_interleaved: bool = _option(True)
     rope_base: float = _option(10000.0)
+    context_dim: int | None = _option(None)
+
+    positional = False
+    """The mechanism's pattern or bias is defined on positions (local, dilated, block,
+    ALiBi), so it cannot attend to a ``context`` (cross-attention); ``rope=True`` too."""
 
     def __post_init__(self) -> None:
         num_heads, num_kv_heads = self.head_counts()
@@ -53,6 +66,7 @@ class SelfAttention(nn.Module):
             temperature=self.temperature,
             rope=self.rope,
             d_head=d_head,
+            context_dim=self.context_dim,
         )
         validate_rope_base(self.rope_base)
         super().__post_init__()
@@ -80,11 +94,17 @@ class SelfAttention(nn.Module):
         is_causal: bool,
         need_weights: bool,
         deterministic: bool,
+        query_positions: jax.Array | int | None = None,
+        key_positions: jax.Array | int | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """Core attention on heads: q ``(B, H, L, D)``, k/v ``(B, K, L, D)``.
+        """Core attention on heads: q ``(B, H, L, D)``, k/v ``(B, K, S, D)``.
 
-        ``mask`` is the caller's rank-4 keep-mask (or ``None``). Mechanisms with a pattern
-        of their own override this with a compact kernel (``sparse.py``, ``linear.py``).
+        ``mask`` is the caller's rank-4 keep-mask (or ``None``). The positions of the
+        queries and keys (docs/semantics.md, "Positions"): ``None`` for ``0..L-1`` and
+        ``0..S-1``, a start offset, or (dense mechanisms) integer arrays ``(L,)``/``(B, L)``
+        and ``(S,)``/``(B, S)``; causal, the patterns and ALiBi are stated on them. RoPE is
+        applied before, by the caller. Mechanisms with a pattern of their own override this
+        with a compact kernel (``sparse.py``, ``linear.py``).
         """
         return dot_product_attention(
             q,
@@ -97,6 +117,8 @@ class SelfAttention(nn.Module):
             dropout_rate=self.dropout,
             dropout_rng=self.dropout_rng(deterministic),
             need_weights=need_weights,
+            query_positions=query_positions,
+            key_positions=key_positions,
         )
 
     def core_options(self) -> dict[str, Any]:
@@ -117,38 +139,58 @@ class SelfAttention(nn.Module):
             name=name,
         )
 
+    def positional_name(self) -> str:
+        """What makes this layer positional (for the cross-attention error), or ``""``."""
+        name = type(self).__name__
+        if self.positional:
+            return name
+        return f"{name} with rope=True" if self.rope else ""
+
     @nn.compact
     def __call__(
         self,
         x: jax.Array,
         mask: jax.Array | None = None,
         *,
+        context: jax.Array | None = None,
         is_causal: bool = False,
         need_weights: bool = True,
         deterministic: bool = True,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """Self-attention over ``x`` ``(B, L, input_dim)``.
+        """Self-attention over ``x``, or cross-attention from ``x`` to ``context``.
 
         Args:
-          x: ``(B, L, input_dim)``.
-          mask: keep-mask ``(L, L)``, ``(B, L, L)`` or broadcastable to ``(B, H, L, L)``;
-            non-zero / ``True`` = may attend.
+          x: ``(B, L, input_dim)``, the queries (and the keys and values without context).
+          mask: keep-mask ``(L, S)``, ``(B, L, S)`` or broadcastable to ``(B, H, L, S)``;
+            non-zero / ``True`` = may attend (``S = L`` without context).
+          context: ``(B, S, context_dim)``: keys and values come from it (cross-attention;
+            the mechanisms without positions only, and not with ``is_causal``).
           is_causal: also hide keys after the query (static under ``jax.jit``).
-          need_weights: return the ``(B, H, L, L)`` weights; ``False`` takes the fast path
+          need_weights: return the ``(B, H, L, S)`` weights; ``False`` takes the fast path
             and returns ``None`` for them (static under ``jax.jit``).
           deterministic: no dropout; otherwise draws from the ``"dropout"`` rng stream.
 
         Returns:
-          ``(out, weights)``: out ``(B, L, E)``, weights ``(B, H, L, L)`` or ``None``.
+          ``(out, weights)``: out ``(B, L, E)``, weights ``(B, H, L, S)`` or ``None``.
         """
         num_heads, num_kv_heads = self.head_counts()
         input_dim = self.d_model if self.input_dim is None else self.input_dim
         validate_input(x.shape, input_dim)
         batch, length, _ = x.shape
-        keep = as_keep_mask(mask, batch, num_heads, length)
+        validate_context(
+            None if context is None else context.shape,
+            input_dim if self.context_dim is None else self.context_dim,
+            batch,
+            input_dim=input_dim,
+            mechanism=self.positional_name(),
+            is_causal=is_causal,
+        )
+        source = x if context is None else context
+        keys = None if context is None else context.shape[1]
+        keep = as_keep_mask(mask, batch, num_heads, length, keys)
         q = split_heads(self._dense(num_heads * self.d_head, "w_q")(x), num_heads)
-        k = split_heads(self._dense(num_kv_heads * self.d_head, "w_k")(x), num_kv_heads)
-        v = split_heads(self._dense(num_kv_heads * self.d_head, "w_v")(x), num_kv_heads)
+        k = split_heads(self._dense(num_kv_heads * self.d_head, "w_k")(source), num_kv_heads)
+        v = split_heads(self._dense(num_kv_heads * self.d_head, "w_v")(source), num_kv_heads)
         if self.rope:
             q = apply_rope(q, base=self.rope_base, interleaved=self.rope_interleaved)
             k = apply_rope(k, base=self.rope_base, interleaved=self.rope_interleaved)

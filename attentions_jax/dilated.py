@@ -1,4 +1,4 @@
-"""Dilated self-attention: query i sees key j iff ``(i - j) % dilation_rate == 0``."""
+"""Dilated self-attention: query i sees key j iff ``(p_i - s_j) % dilation_rate == 0``."""
 
 from __future__ import annotations
 
@@ -9,50 +9,120 @@ import jax.numpy as jnp
 
 from ._validation import validate_positive
 from .block import block_tiling
-from .sparse import AlignedTiling, TiledSelfAttention, merge_tiles, pad_positions
+from .masks import dilation_keep
+from .sparse import (
+    TiledSelfAttention,
+    Tiling,
+    is_symbolic,
+    merge_tiles,
+    pad_positions,
+    row_range,
+    take_rows,
+)
 
 __all__ = ["DilatedSelfAttention", "DilatedTiling", "dilated_tiling"]
 
 
 @dataclass(frozen=True)
-class DilatedTiling(AlignedTiling):
-    """One tile per residue class: the sequence reshaped to ``(M, r)``, transposed."""
+class DilatedTiling(Tiling):
+    """Tile u holds the queries ``u, u + r, u + 2r, ...`` and the keys of their residue
+    class, ``u - key_pad, u - key_pad + r, ...``: the sequences reshaped to ``(M, r)``,
+    transposed (the keys padded in front by ``key_pad``)."""
+
+    dilation_rate: int
+    key_pad: int
+    interior_visible = True
+
+    def pattern(self, queries: jax.Array, keys: jax.Array) -> jax.Array:
+        return dilation_keep(queries, keys, self.dilation_rate)
+
+    def _classes(
+        self, x: jax.Array, tiles: slice, first: int, size: int, index: jax.Array
+    ) -> jax.Array:
+        """``(G, L, D) -> (G, n, M, D)``: rows ``first + u + r·m`` for u in ``tiles``."""
+        if is_symbolic(size, x.shape[1]):
+            return take_rows(x, index[tiles])
+        if size == 1:  # one row per class: the classes are consecutive rows
+            return pad_positions(x, first + tiles.start, first + tiles.stop)[:, :, None]
+        rate = self.dilation_rate
+        padded = pad_positions(x, first, first + rate * size)
+        classes = padded.reshape(x.shape[0], size, rate, x.shape[2]).transpose(0, 2, 1, 3)
+        return classes[:, tiles]
 
     def query_tiles(self, x: jax.Array, tiles: slice) -> jax.Array:
-        rate, size = self.queries.shape
-        padded = pad_positions(x, 0, rate * size)
-        return padded.reshape(x.shape[0], size, rate, x.shape[2]).transpose(0, 2, 1, 3)[:, tiles]
+        return self._classes(x, tiles, 0, self.queries.shape[1], self.queries)
+
+    def key_tiles(self, x: jax.Array, tiles: slice) -> jax.Array:
+        return self._classes(x, tiles, -self.key_pad, self.keys.shape[1], self.keys)
 
     def untile(self, out: jax.Array) -> jax.Array:
-        return merge_tiles(out.transpose(0, 2, 1, 3))[:, : self.length]
+        # (G, N, M, D) -> (G, M·N, D): row m·N + u is query u + r·m (N = r, or M = 1)
+        return row_range(merge_tiles(out.transpose(0, 2, 1, 3)), 0, self.length)
 
 
-def dilated_tiling(length: int, dilation_rate: int) -> AlignedTiling:
-    """One tile per residue class ``g = i mod r``: positions ``g, g + r, g + 2r, ...``.
+def dilated_tiling(
+    length: int,
+    dilation_rate: int,
+    *,
+    keys: int | None = None,
+    query_start: int = 0,
+    key_start: int = 0,
+) -> Tiling:
+    """One tile per residue class of positions, ``p ≡ query_start + u (mod r)``.
 
-    A query sees exactly its own class, so each tile is a dense attention of length
-    ``M = ceil(L / r)`` (the last element padded where ``L`` is not a multiple of r): time
-    O(L² / r), and the fast path runs the core's query-chunked kernel on the classes. With
-    ``r >= L`` every class is one position: the tiling of blocks of 1.
+    A query sees exactly its own class, so each tile is a dense attention of
+    ``M = ceil(L / r)`` queries (the last element padded where L is not a multiple of r)
+    against the class's ``ceil((S + key_pad) / r)`` keys: time O(L·S / r), and the fast path
+    runs the core's query-chunked kernel on the classes. ``key_pad = (key_start -
+    query_start) % r`` puts key slot m of every class at the position of query slot
+    m + ceil(d / r) (``d = query_start - key_start``), so causal is each tile's triangle
+    when that is 0. With ``L <= r`` only L classes hold queries; when the keys are the
+    queries as well every class is one position: the tiling of blocks of 1. In export
+    mode there are r tiles (see ``sparse``).
     """
-    if dilation_rate >= length:
-        return block_tiling(length, 1)
-    size = -(-length // dilation_rate)
-    queries = jnp.arange(dilation_rate)[:, None] + dilation_rate * jnp.arange(size)
-    # class g is padded iff g + r·(M - 1) >= L; those are the last classes
-    padded = dilation_rate * size - length
-    return DilatedTiling(queries, queries, length, edges=(0, padded))
+    keys = length if keys is None else keys
+    exporting = is_symbolic(length, keys)
+    aligned = query_start == key_start and keys == length
+    if aligned and not exporting and dilation_rate >= length:
+        return block_tiling(length, 1, keys=keys, query_start=query_start, key_start=key_start)
+    rate = dilation_rate
+    key_pad = (key_start - query_start) % rate
+    size = -(-length // rate)
+    key_size = -(-(keys + key_pad) // rate)
+    tiles = rate if exporting else min(rate, length)
+    classes = jnp.arange(tiles)[:, None]
+    queries = classes + rate * jnp.arange(size)
+    key_index = classes - key_pad + rate * jnp.arange(key_size)
+    edges = None
+    if not exporting:
+        # class u has padding in front iff u < key_pad; at the back iff its last query or
+        # key lies past the end
+        front = min(key_pad, tiles)
+        back_from = min(length - rate * (size - 1), keys + key_pad - rate * (key_size - 1), tiles)
+        edges = (front, tiles - max(back_from, front))
+    return DilatedTiling(
+        queries,
+        key_index,
+        length,
+        edges,
+        key_length=keys,
+        query_start=query_start,
+        key_start=key_start,
+        tile_causal=-(-(query_start - key_start) // rate) == 0,
+        dilation_rate=rate,
+        key_pad=key_pad,
+    )
 
 
 class DilatedSelfAttention(TiledSelfAttention):
     """Multi-head attention over a dilated pattern: key j visible from query i iff
-    ``(i - j) % dilation_rate == 0``.
+    ``(p_i - s_j) % dilation_rate == 0``.
 
-    Positions are regrouped by residue ``i mod r`` into r dense attentions of length
+    Positions are regrouped by residue mod r into r dense attentions of length
     ``ceil(L / r)`` (a reshape): the fast path (``need_weights=False``) costs
-    O(L² · E / r) time and runs the core's query-chunked kernel on each group, never an
-    ``(L, L)`` tensor. ``need_weights=True`` scatters the groups' weights into the dense
-    ``(B, H, L, L)`` result.
+    O(L · S · E / r) time and runs the core's query-chunked kernel on each group, never an
+    ``(L, S)`` tensor. ``need_weights=True`` scatters the groups' weights into the dense
+    ``(B, H, L, S)`` result.
 
     Example::
 
@@ -71,5 +141,19 @@ class DilatedSelfAttention(TiledSelfAttention):
     def head_counts(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads
 
-    def tiling(self, length: int, *, is_causal: bool) -> AlignedTiling:
-        return dilated_tiling(length, self.dilation_rate)
+    def tiling(
+        self,
+        length: int,
+        *,
+        is_causal: bool,
+        keys: int | None = None,
+        query_start: int = 0,
+        key_start: int = 0,
+    ) -> Tiling:
+        return dilated_tiling(
+            length,
+            self.dilation_rate,
+            keys=keys,
+            query_start=query_start,
+            key_start=key_start,
+        )

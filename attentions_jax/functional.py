@@ -6,11 +6,15 @@ G = H // K query heads per kv head, D head width. Einsum letters keep these mean
 
 Semantics shared with ``attentions_torch.functional``:
 
+* Query i sits at position ``p_i`` and key j at ``s_j`` (docs/semantics.md, "Positions"):
+  ``0..L-1`` and ``0..S-1`` by default, else a start offset or integer positions
+  ``(L,)`` / ``(B, L)`` (``query_positions``, ``key_positions``). Every position rule below
+  is stated on them.
 * ``mask`` is a boolean keep-mask broadcastable to ``(B, H, L, S)``; ``is_causal`` ANDs
-  the causal mask ``j <= i`` into it.
+  the causal mask ``s_j <= p_i`` into it.
 * ``bias`` is added to the scaled scores, broadcastable to ``(B, H, L, S)``.
-* ``alibi_slopes`` ``(H,)`` adds the ALiBi bias ``-m_h * abs(i - j)`` after ``bias``; it is
-  built from positions for the queries at hand, so the fast path never holds it whole.
+* ``alibi_slopes`` ``(H,)`` adds the ALiBi bias ``-m_h * abs(p_i - s_j)`` after ``bias``; it
+  is built from positions for the queries at hand, so the fast path never holds it whole.
 * The softmax runs in float32 or wider and the result is cast back to the input dtype.
 * A query that sees no key gets a zero row of weights and a zero output, never NaN.
 
@@ -19,7 +23,9 @@ queries of one head group, or of all heads for small problems (``STEP_PAIRS``), 
 scores (and the ALiBi bias) it holds at once are those of one step, never ``(L, S)`` per
 head; on CPU this runs about 3x faster than ``jax.nn.dot_product_attention`` (measured
 by ``python -m parity.bench``), and unlike it serves float64 and gives zero rows to
-queries that see no key.
+queries that see no key. Under ``jax.export`` with a symbolic length the plan cannot
+compare sizes: it takes steps of one head group and ``SYMBOLIC_CHUNK`` queries, the
+queries padded by ``(-L) % SYMBOLIC_CHUNK`` and the steps counted by ceiling division.
 """
 
 from __future__ import annotations
@@ -35,19 +41,28 @@ from .masks import combine_masks
 __all__ = [
     "QUERY_CHUNK",
     "STEP_PAIRS",
+    "SYMBOLIC_CHUNK",
     "UNIT_CHUNK",
     "alibi_bias",
+    "check_positions",
     "dot_product_attention",
     "dot_product_attention_weights",
     "merge_heads",
     "split_heads",
 ]
 
+Positions = jax.Array | int | None
+"""Where n tokens sit: ``None`` (``0..n-1``), a start offset (an int or an integer scalar,
+which may be traced: ``start..start+n-1``) or integer positions ``(n,)`` or ``(B, n)``."""
+
 QUERY_CHUNK = 256
 """Most queries per step of the fast path when a step holds every head (small problems)."""
 
 UNIT_CHUNK = 1024
 """Most queries per step when a step holds one kv head's group (large problems)."""
+
+SYMBOLIC_CHUNK = 256
+"""Queries per step (of one head group) when a size is symbolic (``jax.export``)."""
 
 STEP_PAIRS = 2**21
 """Query-key pairs, summed over the heads of a step, that one step aims to hold.
@@ -96,33 +111,97 @@ def _accumulation_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _causal(query_positions: jax.Array, keys: int) -> jax.Array:
-    """``(l, S)`` keep-mask ``j <= i`` for the given query positions."""
-    return query_positions[:, None] >= jnp.arange(keys)[None, :]
+def _is_one(size) -> bool:
+    """A size known to be 1; a symbolic size (``jax.export``) never counts as broadcast."""
+    return isinstance(size, int) and size == 1
 
 
-def alibi_bias(slopes: jax.Array, query_positions: jax.Array, keys: int) -> jax.Array:
-    """``(H, l, S)`` ALiBi bias ``-m_h * abs(i - j)`` in the slopes' dtype.
+def _is_start(positions: Positions) -> bool:
+    """``positions`` is a start offset (``None`` is the start 0): a Python int or an integer
+    scalar, which may be traced."""
+    if positions is None or isinstance(positions, int):
+        return not isinstance(positions, bool)
+    return jnp.ndim(positions) == 0
 
-    slopes: ``(H,)``; query_positions: ``(l,)`` positions i; keys j are ``0..S-1``.
+
+def check_positions(name: str, positions: Positions, count: int, batch: int) -> None:
+    """``positions`` of n tokens must be ``None``, an int, or an integer array of shape
+    ``()``, ``(n,)`` or ``(B|1, n)``; ``ValueError`` otherwise."""
+    if positions is None or (isinstance(positions, int) and not isinstance(positions, bool)):
+        return
+    dtype = getattr(positions, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.integer):
+        shape = tuple(positions.shape)
+        if shape in ((), (count,), (1, count), (batch, count)):
+            return
+    if dtype is not None:
+        given = f"a {dtype} array of shape {tuple(positions.shape)}"
+    else:
+        given = type(positions).__name__
+    raise ValueError(
+        f"{name} must be None, a start offset (an int or a 0-dim integer tensor) or integer "
+        f"positions of shape ({count},) or ({batch}, {count}), got {given}"
+    )
+
+
+def _is_zero(start) -> bool:
+    """The start offset 0, known to Python."""
+    return isinstance(start, int) and start == 0
+
+
+def _start_rows(start, count: int) -> jax.Array:
+    """``(1, n)`` positions ``start..start+n-1``; the start 0 adds nothing, so the default
+    path traces as it did before positions existed."""
+    indices = jnp.arange(count)
+    return (indices if _is_zero(start) else start + indices)[None]
+
+
+def _position_rows(positions: Positions, count: int) -> jax.Array:
+    """``(B|1, n)`` integer positions of n tokens (see ``Positions``)."""
+    if _is_start(positions):
+        return _start_rows(0 if positions is None else positions, count)
+    rows = jnp.asarray(positions)
+    return rows[None] if rows.ndim == 1 else rows
+
+
+def _causal(query_rows: jax.Array, key_rows: jax.Array) -> jax.Array:
+    """``(B|1, 1, l, S)`` keep-mask ``s_j <= p_i`` from positions ``(B|1, l)``, ``(B|1, S)``."""
+    return key_rows[:, None, None, :] <= query_rows[:, None, :, None]
+
+
+def _alibi(slopes: jax.Array, query_rows: jax.Array, key_rows: jax.Array) -> jax.Array:
+    """``(B|1, H, l, S)`` ALiBi bias ``-m_h * abs(p_i - s_j)`` in the slopes' dtype."""
+    distance = jnp.abs(query_rows[:, None, :, None] - key_rows[:, None, None, :])
+    return -slopes[None, :, None, None] * distance.astype(slopes.dtype)
+
+
+def alibi_bias(slopes: jax.Array, query_positions: jax.Array, keys) -> jax.Array:
+    """``(H, l, S)`` ALiBi bias ``-m_h * abs(p_i - s_j)`` in the slopes' dtype.
+
+    slopes: ``(H,)``; query_positions: ``(l,)`` positions p_i, or ``(B, l)``; keys: the
+    count S of keys at ``0..S-1``, or their positions ``(S,)`` / ``(B, S)``. With positions of
+    rank 2 the result is ``(B, H, l, S)``.
     """
-    distance = jnp.abs(query_positions[:, None] - jnp.arange(keys)[None, :]).astype(slopes.dtype)
-    return -slopes[:, None, None] * distance
+    query_positions = jnp.asarray(query_positions)
+    keys = jnp.arange(keys) if isinstance(keys, int) else jnp.asarray(keys)
+    batched = query_positions.ndim == 2 or keys.ndim == 2
+    query_rows = query_positions if query_positions.ndim == 2 else query_positions[None]
+    bias = _alibi(jnp.asarray(slopes), query_rows, keys if keys.ndim == 2 else keys[None])
+    return bias if batched else bias[0]
 
 
 def _with_alibi(
     bias: jax.Array | None,
     slopes: jax.Array | None,
-    query_positions: jax.Array,
-    keys: int,
+    query_rows: jax.Array,
+    key_rows: jax.Array,
     dtype,
 ) -> jax.Array | None:
-    """``bias + alibi_bias`` in ``dtype``, broadcastable to ``(B, H, l, S)``; either may be
-    absent."""
+    """``bias + ALiBi`` in ``dtype``, broadcastable to ``(B, H, l, S)``; either may be
+    absent. Positions: ``(B|1, l)`` and ``(B|1, S)``."""
     if slopes is None:
         return bias
-    # (1, H, l, S), rank 4 like the scores and the masks it meets
-    alibi = alibi_bias(jnp.asarray(slopes, dtype), query_positions, keys)[None]
+    alibi = _alibi(jnp.asarray(slopes, dtype), query_rows, key_rows)
     return alibi if bias is None else bias.astype(dtype) + alibi
 
 
@@ -207,24 +286,29 @@ def dot_product_attention_weights(
     alibi_slopes: jax.Array | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    query_positions: Positions = None,
+    key_positions: Positions = None,
 ) -> jax.Array:
     """Attention weights ``(B, H, L, S)`` in float32 or wider.
 
-    q: ``(B, H, L, D)``; k: ``(B, K, S, D)``; alibi_slopes: ``(H,)``. Rows sum to 1 over
-    visible keys and are exactly 0 where a key is hidden (the whole row for a query that
-    sees nothing).
+    q: ``(B, H, L, D)``; k: ``(B, K, S, D)``; alibi_slopes: ``(H,)``; query_positions,
+    key_positions: as in ``dot_product_attention``. Rows sum to 1 over visible keys and are
+    exactly 0 where a key is hidden (the whole row for a query that sees nothing).
     """
-    length, d_head, keys = q.shape[2], q.shape[3], k.shape[2]
+    batch, length, d_head, keys = q.shape[0], q.shape[2], q.shape[3], k.shape[2]
+    check_positions("query_positions", query_positions, length, batch)
+    check_positions("key_positions", key_positions, keys, batch)
     scale = 1.0 / math.sqrt(d_head) if scale is None else scale
-    positions = jnp.arange(length)
-    bias = _with_alibi(bias, alibi_slopes, positions, keys, _accumulation_dtype(q.dtype))
-    causal = _causal(positions, keys) if is_causal else None
+    query_rows = _position_rows(query_positions, length)
+    key_rows = _position_rows(key_positions, keys)
+    bias = _with_alibi(bias, alibi_slopes, query_rows, key_rows, _accumulation_dtype(q.dtype))
+    causal = _causal(query_rows, key_rows) if is_causal else None
     return _weights(q, k, combine_masks(mask, causal), bias, scale)
 
 
 def _pad_queries(x: jax.Array | None, padded: int, fill) -> jax.Array | None:
     """Pad axis 2 (queries) of a broadcastable operand up to ``padded`` if it has one."""
-    if x is None or x.shape[2] == 1:
+    if x is None or _is_one(x.shape[2]):
         return x
     pad = [(0, 0)] * x.ndim
     pad[2] = (0, padded - x.shape[2])
@@ -243,9 +327,30 @@ def _step_slice(
     """
     if x is None:
         return None
-    starts = [i if n > 1 else 0 for i, n in zip(index, x.shape[:3], strict=True)]
-    counts = [size if n > 1 else 1 for size, n in zip(sizes, x.shape[:3], strict=True)]
+    starts = [0 if _is_one(n) else i for i, n in zip(index, x.shape[:3], strict=True)]
+    counts = [1 if _is_one(n) else size for size, n in zip(sizes, x.shape[:3], strict=True)]
     return lax.dynamic_slice(x, (*starts, 0), (*counts, x.shape[3]))
+
+
+def _batch_rows(rows: jax.Array, first: jax.Array, count: int) -> jax.Array:
+    """The ``count`` batch elements from ``first`` of positions ``(B|1, n)``."""
+    return rows if _is_one(rows.shape[0]) else lax.dynamic_slice_in_dim(rows, first, count, 0)
+
+
+def _plan(batch: int, kv_heads: int, group: int, length: int, keys: int) -> tuple[int, int, int]:
+    """``(nb, nk, chunk)``: batch elements, kv heads and queries per step (``STEP_PAIRS``).
+
+    With a symbolic length (``jax.export``) sizes cannot be compared: one head group and
+    ``SYMBOLIC_CHUNK`` queries per step. Batch and kv heads may be symbolic in either plan
+    (the sparse tilings hand their tiles in as heads).
+    """
+    if not all(isinstance(size, int) for size in (group, length, keys)):
+        return 1, 1, SYMBOLIC_CHUNK
+    if group * length * keys > STEP_PAIRS // 8:
+        nb, nk, chunk = 1, 1, unit_chunk(group, keys)
+    else:
+        nb, nk, chunk = batch, kv_heads, query_chunk(keys)
+    return nb, nk, min(chunk, length)
 
 
 def _chunked_attention(
@@ -257,23 +362,23 @@ def _chunked_attention(
     alibi_slopes: jax.Array | None,
     is_causal: bool,
     scale: float,
+    query_positions: Positions,
+    key_positions: Positions,
 ) -> jax.Array:
     """Output ``(B, H, L, D)`` computed step by step, no weights kept (see ``STEP_PAIRS``).
 
     A step holds ``nb`` batch elements and ``nk`` kv heads (all of them, or one of each)
-    with their ``nk·G`` query heads, and ``chunk`` queries against every key.
+    with their ``nk·G`` query heads, and ``chunk`` queries against every key. Positions
+    given as arrays are sliced per step (per batch element when ``(B, L)``); an offset
+    becomes ``iota`` arithmetic.
     """
     batch, heads, length, d_head = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
     acc = _accumulation_dtype(q.dtype)
-    if batch == 0:
+    if isinstance(batch, int) and batch == 0:
         return jnp.zeros((*q.shape[:3], v.shape[-1]), acc)
-    if group * length * keys > STEP_PAIRS // 8:
-        nb, nk, chunk = 1, 1, unit_chunk(group, keys)
-    else:
-        nb, nk, chunk = batch, kv_heads, query_chunk(keys)
-    chunk = min(chunk, length)
+    nb, nk, chunk = _plan(batch, kv_heads, group, length, keys)
     steps = -(-length // chunk)
     padded = steps * chunk
     units = (batch // nb) * (kv_heads // nk)
@@ -281,20 +386,34 @@ def _chunked_attention(
     mask = _pad_queries(_as_rank4(mask), padded, False)
     bias = _pad_queries(_as_rank4(bias), padded, 0)
     slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, acc)
+    query_rows = None
+    if not _is_start(query_positions):
+        # padded like the queries; the padded queries' rows are dropped
+        query_rows = _position_rows(query_positions, length)
+        query_rows = jnp.pad(query_rows, ((0, 0), (0, padded - length)))
+    key_rows = _position_rows(key_positions, keys)
 
     def step(index: jax.Array) -> jax.Array:
         unit, start = index // steps, index % steps * chunk
         b, kv = unit // (kv_heads // nk) * nb, unit % (kv_heads // nk) * nk
         rows = (b, kv * group, start)
         sizes = (nb, nk * group, chunk)
-        positions = start + jnp.arange(chunk)
+        if query_rows is None:
+            offset = query_positions
+            first = start if offset is None or _is_zero(offset) else offset + start
+            step_rows = _start_rows(first, chunk)
+        else:
+            step_rows = lax.dynamic_slice_in_dim(_batch_rows(query_rows, b, nb), start, chunk, 1)
+        step_keys = _batch_rows(key_rows, b, nb)
         keep = _step_slice(mask, rows, sizes)
         if is_causal:
-            keep = combine_masks(keep, _causal(positions, keys))
+            keep = combine_masks(keep, _causal(step_rows, step_keys))
         step_slopes = None
         if slopes is not None:
             step_slopes = lax.dynamic_slice_in_dim(slopes, kv * group, nk * group)
-        step_bias = _with_alibi(_step_slice(bias, rows, sizes), step_slopes, positions, keys, acc)
+        step_bias = _with_alibi(
+            _step_slice(bias, rows, sizes), step_slopes, step_rows, step_keys, acc
+        )
         kv_index, kv_sizes = (b, kv, 0, 0), (nb, nk, keys, d_head)
         return _output(
             lax.dynamic_slice(q, (*rows, 0), (*sizes, d_head)),
@@ -326,6 +445,8 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     need_weights: bool = True,
+    query_positions: Positions = None,
+    key_positions: Positions = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Scaled dot-product attention.
 
@@ -334,15 +455,19 @@ def dot_product_attention(
       k, v: ``(B, K, S, D)`` with ``H % K == 0``.
       mask: boolean keep-mask broadcastable to ``(B, H, L, S)``, or ``None``.
       bias: additive score bias broadcastable to ``(B, H, L, S)``, or ``None``.
-      alibi_slopes: ``(H,)`` ALiBi slopes m_h, adding ``-m_h * abs(i - j)`` to the scores,
-        or ``None``.
-      is_causal: AND the causal pattern ``j <= i`` into ``mask`` (static).
+      alibi_slopes: ``(H,)`` ALiBi slopes m_h, adding ``-m_h * abs(p_i - s_j)`` to the
+        scores, or ``None``.
+      is_causal: AND the causal pattern ``s_j <= p_i`` into ``mask`` (static).
       scale: score scale, default ``1 / sqrt(D)``.
       dropout_rate: dropout on the attention weights; applied only with ``dropout_rng``.
       dropout_rng: PRNG key for dropout, ``None`` for deterministic attention.
       need_weights: ``True`` returns the ``(B, H, L, S)`` weights (before dropout);
         ``False`` runs the fast path in steps (``STEP_PAIRS``) and returns ``None``
         (static).
+      query_positions: the queries' positions p: ``None`` for ``0..L-1``, a start offset
+        (an int, or an integer scalar that may be traced) for ``start..start+L-1``, or
+        integer positions ``(L,)`` or ``(B, L)``.
+      key_positions: the keys' positions s, the same way for the S keys.
 
     Returns:
       ``(out, weights)``: out ``(B, H, L, D)`` in q's dtype.
@@ -351,10 +476,22 @@ def dot_product_attention(
     dropping = dropout_rate > 0.0 and dropout_rng is not None
     if need_weights or dropping:
         weights = dot_product_attention_weights(
-            q, k, mask, bias=bias, alibi_slopes=alibi_slopes, is_causal=is_causal, scale=scale
+            q,
+            k,
+            mask,
+            bias=bias,
+            alibi_slopes=alibi_slopes,
+            is_causal=is_causal,
+            scale=scale,
+            query_positions=query_positions,
+            key_positions=key_positions,
         )
         dropped = _dropout(weights, dropout_rate, dropout_rng) if dropping else weights
         out = _apply_weights(dropped, v).astype(q.dtype)
         return out, weights.astype(q.dtype) if need_weights else None
-    out = _chunked_attention(q, k, v, mask, bias, alibi_slopes, is_causal, scale)
+    check_positions("query_positions", query_positions, q.shape[2], q.shape[0])
+    check_positions("key_positions", key_positions, k.shape[2], q.shape[0])
+    out = _chunked_attention(
+        q, k, v, mask, bias, alibi_slopes, is_causal, scale, query_positions, key_positions
+    )
     return out.astype(q.dtype), None

@@ -17,8 +17,12 @@ Paths, all computing that formula (``attentions_torch.linear`` takes the same st
   - non-causal: ``phi(K)ᵀ[V, 1]`` once per head, O(L·D²) time, O(D²) state;
   - causal: ``lax.scan`` over chunks of C queries, quadratic inside a chunk, carrying the
     running ``phi(K)ᵀ[V, 1]`` ``(B, H, F, D + 1)`` between chunks, O(L·(C + D)·D) time;
-* a general ``(L, L)`` / ``(B, H, L, L)`` mask, or dropout in training (it drops entries
-  of A): ``out = A @ V`` from the quadratic form, O(L²·D).
+* a general ``(L, S)`` / ``(B, H, L, S)`` mask, or dropout in training (it drops entries
+  of A): ``out = A @ V`` from the quadratic form, O(L·S·D);
+* causal with positions of its own (queries at ``p``, keys at ``s``, docs/semantics.md
+  "Positions") or with ``S != L``: the causal rule ``s_j <= p_i`` becomes a general mask
+  and takes the quadratic form. Without causality positions change nothing: keys S != L
+  (cross-attention) keep the O(L + S) paths.
 
 ``need_weights=True`` also returns A ``(B, H, L, L)``, computed in one product from O(L)
 denominators; the output takes the same path either way and equals ``A @ V``.
@@ -42,7 +46,7 @@ from ._validation import (
     validate_unscaled,
 )
 from .base import SelfAttention
-from .functional import merge_heads
+from .functional import _causal, _position_rows, merge_heads
 from .masks import causal_mask
 from .rope import rope_angles, rotate
 
@@ -145,10 +149,13 @@ def _causal_attention(fq: jax.Array, fk: jax.Array, v: jax.Array, chunk_size: in
 
     Inside a chunk the masked kernel is explicit ``(C, C)``; the chunks before it enter
     through the carried state ``phi(K)ᵀ [V, 1]`` of all earlier chunks. Padded keys have
-    ``phi = 0`` and padded queries are cut off, so the padding changes nothing.
+    ``phi = 0`` and padded queries are cut off, so the padding changes nothing. A symbolic
+    L (``jax.export``) is padded to a multiple of C, the chunk count a ceiling division.
     """
     batch, heads, length, d_head = v.shape
-    chunk = min(max(chunk_size, d_head), length)
+    chunk = max(chunk_size, d_head)
+    if isinstance(length, int):
+        chunk = min(chunk, length)  # a short sequence is one chunk; a symbolic L is padded
     xs = (_chunked(fq, chunk), _chunked(fk, chunk), _chunked(_append_ones(v), chunk))
     start = jnp.zeros((batch, heads, d_head, d_head + 1), v.dtype)
     _, out = lax.scan(_chunk_step, start, xs)
@@ -160,7 +167,7 @@ def _causal_attention(fq: jax.Array, fk: jax.Array, v: jax.Array, chunk_size: in
 def _kernel_weights(
     fq: jax.Array, fk: jax.Array, mask: jax.Array | None, is_causal: bool
 ) -> jax.Array:
-    """The weights A ``(B, H, L, L)`` of the formula above.
+    """The weights A ``(B, H, L, S)`` of the formula above (causal only when ``S = L``).
 
     Without a general mask the denominators ``phi(q_i)·sum_j phi(k_j)`` (a prefix sum
     when causal) cost O(L·D), so A is one product ``(phi(Q) / den) phi(K)ᵀ``.
@@ -196,26 +203,39 @@ def linear_attention(
     dropout_rng: jax.Array | None = None,
     need_weights: bool = True,
     chunk_size: int = CHUNK_SIZE,
+    query_positions: jax.Array | int | None = None,
+    key_positions: jax.Array | int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Kernel attention (the formula above) on heads.
 
     Args:
-      q, k, v: ``(B, H, L, D)``.
-      mask: boolean keep-mask broadcastable to ``(B, H, L, L)`` (rank 4), or ``None``.
-      is_causal: AND the causal pattern ``j <= i`` into ``mask`` (static).
+      q: ``(B, H, L, D)``; k, v: ``(B, H, S, D)``.
+      mask: boolean keep-mask broadcastable to ``(B, H, L, S)`` (rank 4), or ``None``.
+      is_causal: AND the causal pattern ``s_j <= p_i`` into ``mask`` (static).
       feature_map: ``"elu"`` (``elu + 1``) or ``"relu"``.
       dropout_rate: dropout on the weights A; applied only with ``dropout_rng``, and then
         takes the quadratic path.
       dropout_rng: PRNG key for dropout, ``None`` for deterministic attention.
-      need_weights: ``True`` also returns A ``(B, H, L, L)`` (before dropout); the
-        output takes an O(L) path either way, unless ``mask`` is a general ``(L, L)``
-        mask or dropout is on (static).
+      need_weights: ``True`` also returns A ``(B, H, L, S)`` (before dropout); the
+        output takes an O(L) path either way, unless ``mask`` is a general ``(L, S)``
+        mask, dropout is on, or causality meets positions of its own (static).
       chunk_size: smallest chunk of the causal O(L) path.
+      query_positions, key_positions: ``None`` (``0..L-1``, ``0..S-1``), a start offset,
+        or integer arrays ``(L,)``/``(B, L)`` and ``(S,)``/``(B, S)``; only causality
+        reads them.
 
     Returns:
       ``(out, weights)``: out ``(B, H, L, D)`` in q's dtype; the arithmetic runs in float32
       or wider.
     """
+    length, keys = q.shape[2], k.shape[2]
+    if is_causal and (query_positions is not None or key_positions is not None or keys != length):
+        # the chunked scan assumes keys = queries in order: state causality as a mask
+        causal = _causal(
+            _position_rows(query_positions, length), _position_rows(key_positions, keys)
+        )
+        mask = causal if mask is None else mask & causal
+        is_causal = False
     acc = _accumulation_dtype(q.dtype)
     fq = _phi(q.astype(acc), feature_map)
     fk = _phi(k.astype(acc), feature_map)
@@ -295,8 +315,11 @@ class LinearSelfAttention(SelfAttention):
         is_causal: bool,
         need_weights: bool,
         deterministic: bool,
+        query_positions: jax.Array | int | None = None,
+        key_positions: jax.Array | int | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """Kernel attention on heads (``linear_attention``); q, k, v ``(B, H, L, D)``."""
+        """Kernel attention on heads (``linear_attention``); q ``(B, H, L, D)``, k, v
+        ``(B, H, S, D)``."""
         return linear_attention(
             q,
             k,
@@ -308,6 +331,8 @@ class LinearSelfAttention(SelfAttention):
             dropout_rng=self.dropout_rng(deterministic),
             need_weights=need_weights,
             chunk_size=self.chunk_size,
+            query_positions=query_positions,
+            key_positions=key_positions,
         )
 
     def _project(self, name: str, x: jax.Array) -> jax.Array:

@@ -1,15 +1,15 @@
-"""Local (sliding-window) self-attention: query i sees key j iff ``|i - j| <= window_size // 2``."""
+"""Local (sliding-window) self-attention: query i sees key j iff
+``|p_i - s_j| <= window_size // 2``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 
 from ._validation import validate_positive
 from .masks import window_keep
-from .sparse import TiledSelfAttention, Tiling, merge_tiles, pad_positions
+from .sparse import TiledSelfAttention, WindowTiling, is_symbolic, window_tiling
 
 __all__ = ["LocalSelfAttention", "LocalTiling", "local_tiling"]
 
@@ -18,79 +18,66 @@ MIN_CHUNK = 32
 
 
 @dataclass(frozen=True)
-class LocalTiling(Tiling):
-    """Chunks of ``c`` queries, each with the window of keys from ``t·c - h``.
+class LocalTiling(WindowTiling):
+    """Chunks of ``c`` queries, each with the window of keys from ``t·c + d - h``.
 
-    ``half`` is ``h = window_size // 2``. The key windows overlap: one gather lays them out
-    from the keys (only the end tiles' windows are padded).
+    ``half`` is ``h = window_size // 2``, ``d = query_start - key_start``. The key windows
+    overlap: one gather lays them out from the keys (only the end tiles' windows are
+    padded).
     """
 
     window_size: int
 
-    @property
-    def half(self) -> int:
-        return self.window_size // 2
-
-    def query_tiles(self, x: jax.Array, tiles: slice) -> jax.Array:
-        chunk = self.queries.shape[1]
-        piece = pad_positions(x, tiles.start * chunk, tiles.stop * chunk)
-        return piece.reshape(x.shape[0], tiles.stop - tiles.start, chunk, x.shape[2])
-
-    def key_tiles(self, x: jax.Array, tiles: slice) -> jax.Array:
-        chunk, width = self.queries.shape[1], self.keys.shape[1]
-        count = tiles.stop - tiles.start
-        start = tiles.start * chunk - self.half
-        piece = pad_positions(x, start, start + (count - 1) * chunk + width)
-        # (G, n, S, D) windows of S keys every c positions
-        return piece[:, (jnp.arange(count) * chunk)[:, None] + jnp.arange(width)]
-
-    def untile(self, out: jax.Array) -> jax.Array:
-        return merge_tiles(out)[:, : self.length]
-
-    def keep(self, tiles: slice, is_causal: bool) -> jax.Array:
-        queries, keys = self.queries[tiles], self.keys[tiles]
-        if self.interior(tiles):
-            # away from the ends every tile has the same band: one (Q, S) mask serves all
-            queries, keys = queries[:1], keys[:1]
-        rows, cols = queries[:, :, None], keys[:, None, :]
-        keep = (
-            window_keep(rows, cols, self.window_size)
-            & (cols >= 0)
-            & (cols < self.length)
-            & (rows < self.length)
-        )
-        if is_causal:
-            keep = keep & (cols <= rows)
-        return keep[None, None]
+    def pattern(self, queries: jax.Array, keys: jax.Array) -> jax.Array:
+        return window_keep(queries, keys, self.window_size)
 
 
-def local_tiling(length: int, window_size: int, *, is_causal: bool) -> LocalTiling:
-    """Chunks of ``c = max(MIN_CHUNK, window_size // 2)`` queries, each with its band of keys.
+def local_tiling(
+    length: int,
+    window_size: int,
+    *,
+    is_causal: bool,
+    keys: int | None = None,
+    query_start: int = 0,
+    key_start: int = 0,
+) -> LocalTiling:
+    """Chunks of ``c = max(MIN_CHUNK, window_size // 2)`` queries (at most L), each with its
+    band of keys.
 
-    With half-window ``h``, chunk t holds queries ``t·c .. t·c + c - 1`` and the keys
-    ``t·c - h .. t·c + c - 1 + h`` (``+ 0`` when causal): ``c + 2h`` keys (``c + h``), of
-    which each query sees at most ``2h + 1``. Time and memory are O(L · (c + 2h)).
+    With half-window ``h`` and ``d = query_start - key_start``, chunk t holds queries
+    ``t·c .. t·c + c - 1`` and the keys ``t·c + d - h .. t·c + c - 1 + d + h`` (``+ d`` at the
+    end when causal): ``c + 2h`` keys (``c + h``), of which each query sees at most
+    ``2h + 1``. Time and memory are O(L · (c + 2h)) whatever S. In export mode c does not
+    depend on L (see ``sparse``).
     """
     half = window_size // 2
-    chunk = min(max(MIN_CHUNK, half), length)
-    tiles = -(-length // chunk)
-    width = chunk + half + (0 if is_causal else half)
-    starts = jnp.arange(tiles) * chunk
-    queries = starts[:, None] + jnp.arange(chunk)
-    keys = (starts - half)[:, None] + jnp.arange(width)
-    # tiles whose window starts before 0 or ends after L - 1
-    front = min(-(-half // chunk), tiles)
-    back = min(tiles - max(0, -(-(length + half - width + 1) // chunk)), tiles - front)
-    return LocalTiling(queries, keys, length, edges=(front, back), window_size=window_size)
+    keys = length if keys is None else keys
+    chunk = max(MIN_CHUNK, half)
+    if not is_symbolic(length):
+        chunk = min(chunk, length)
+    return window_tiling(
+        LocalTiling,
+        tiles=-(-length // chunk),
+        width=chunk,
+        key_width=chunk + half + (0 if is_causal else half),
+        key_step=chunk,
+        query_first=0,
+        key_first=query_start - key_start - half,
+        length=length,
+        keys=keys,
+        query_start=query_start,
+        key_start=key_start,
+        window_size=window_size,
+    )
 
 
 class LocalSelfAttention(TiledSelfAttention):
     """Multi-head attention within a sliding window: key j visible from query i iff
-    ``|i - j| <= window_size // 2`` (a window of ``window_size`` keys for odd sizes).
+    ``|p_i - s_j| <= window_size // 2`` (a window of ``window_size`` keys for odd sizes).
 
     The fast path (``need_weights=False``) computes only the band, chunk by chunk: time and
-    memory O(L · w · E), never an ``(L, L)`` tensor. ``need_weights=True`` scatters the
-    band's weights into the dense ``(B, H, L, L)`` result (zero outside the window).
+    memory O(L · w · E), never an ``(L, S)`` tensor. ``need_weights=True`` scatters the
+    band's weights into the dense ``(B, H, L, S)`` result (zero outside the window).
 
     Example::
 
@@ -109,5 +96,20 @@ class LocalSelfAttention(TiledSelfAttention):
     def head_counts(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads
 
-    def tiling(self, length: int, *, is_causal: bool) -> LocalTiling:
-        return local_tiling(length, self.window_size, is_causal=is_causal)
+    def tiling(
+        self,
+        length: int,
+        *,
+        is_causal: bool,
+        keys: int | None = None,
+        query_start: int = 0,
+        key_start: int = 0,
+    ) -> LocalTiling:
+        return local_tiling(
+            length,
+            self.window_size,
+            is_causal=is_causal,
+            keys=keys,
+            query_start=query_start,
+            key_start=key_start,
+        )

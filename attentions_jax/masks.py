@@ -87,17 +87,19 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
     return out
 
 
-def as_keep_mask(mask: jax.Array | None, batch: int, heads: int, length: int) -> jax.Array | None:
+def as_keep_mask(
+    mask: jax.Array | None, batch: int, heads: int, length: int, keys: int | None = None
+) -> jax.Array | None:
     """Validate a user mask and return it as a rank-4 bool keep-mask.
 
-    Accepts ``(L, L)``, ``(B, L, L)`` or rank 4 broadcastable to ``(B, H, L, L)``; any
-    non-zero number counts as "keep", so a 0/1 float mask such as
-    ``jnp.tril(jnp.ones((L, L)))`` works.
+    Accepts ``(L, S)``, ``(B, L, S)`` or rank 4 broadcastable to ``(B, H, L, S)``
+    (``keys = S``, ``None`` for self-attention, ``S = L``); any non-zero number counts as
+    "keep", so a 0/1 float mask such as ``jnp.tril(jnp.ones((L, L)))`` works.
     """
     if mask is None:
         return None
     mask = jnp.asarray(mask)
-    validate_mask(mask.shape, batch, heads, length)
+    validate_mask(mask.shape, batch, heads, length, keys)
     keep = mask if mask.dtype == jnp.bool_ else mask != 0
     if keep.ndim == 2:
         return keep[None, None]

@@ -14,7 +14,33 @@ FEATURE_MAPS = ("elu", "relu")
 
 
 def _shape(shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(int(d) for d in shape)
+    """The shape as a tuple; symbolic sizes (``torch.export``'s ``SymInt``, ``jax.export``'s
+    symbolic dimensions) stay symbolic, so validating never pins a length to a constant."""
+    return tuple(d if isinstance(d, int) else _symbolic(d) for d in shape)
+
+
+def _symbolic(d):
+    try:
+        return int(d) if type(d).__name__ not in ("SymInt", "_DimExpr") else d
+    except TypeError:
+        return d
+
+
+def _is(d, value: int) -> bool:
+    """``d == value`` for a size known to be ``value``; ``False`` for a symbolic size."""
+    return isinstance(d, int) and d == value
+
+
+def _same(a, b) -> bool:
+    """Two sizes are equal: ints compare; a symbolic size equals only itself."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    if a is b or str(a) == str(b):
+        return True
+    try:  # two symbols that export constrains to one value (a shared torch Dim) compare
+        return bool(a == b)
+    except Exception:  # jax.export: a comparison its symbolic algebra cannot decide
+        return False
 
 
 def validate_positive(name: str, value: int) -> None:
@@ -42,11 +68,19 @@ def validate_heads(d_model: int, num_heads: int, num_kv_heads: int) -> int:
 
 
 def validate_options(
-    *, input_dim: int | None, dropout: float, temperature: float, rope: bool, d_head: int
+    *,
+    input_dim: int | None,
+    dropout: float,
+    temperature: float,
+    rope: bool,
+    d_head: int,
+    context_dim: int | None = None,
 ) -> None:
     """Check the keyword options every layer shares."""
     if input_dim is not None:
         validate_positive("input_dim", input_dim)
+    if context_dim is not None:
+        validate_positive("context_dim", context_dim)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if not temperature > 0.0:
@@ -88,27 +122,91 @@ def validate_step_input(shape: Sequence[int], input_dim: int, batch: int) -> Non
 def validate_input(shape: Sequence[int], input_dim: int) -> None:
     """``x`` must be ``(B, L, input_dim)``."""
     shape = _shape(shape)
-    if len(shape) != 3 or shape[-1] != input_dim:
+    if len(shape) != 3 or not _same(shape[-1], input_dim):
         raise ValueError(f"expected x of shape (B, L, {input_dim}), got {shape}")
-    if shape[1] == 0:
+    if _is(shape[1], 0):
         raise ValueError(f"expected a sequence length L >= 1, got x of shape {shape}")
 
 
-def validate_mask(shape: Sequence[int], batch: int, heads: int, length: int) -> None:
-    """A keep-mask is ``(L, L)``, ``(B, L, L)`` or rank 4 broadcastable to ``(B, H, L, L)``."""
+def validate_context(
+    shape: Sequence[int] | None,
+    context_dim: int,
+    batch: int,
+    *,
+    input_dim: int,
+    mechanism: str,
+    is_causal: bool,
+) -> None:
+    """Cross-attention (docs/semantics.md): ``context`` is ``(B, S, context_dim)`` with x's B,
+    served by the mechanisms without positions, and never with ``is_causal``.
+
+    ``shape`` is ``None`` for self-attention, which a layer built with a ``context_dim``
+    other than its ``input_dim`` cannot do (its ``w_k``, ``w_v`` read the context's width).
+    ``mechanism`` names what makes the layer positional, empty when nothing does.
+    """
+    if shape is None:
+        if context_dim != input_dim:
+            raise ValueError(
+                f"this layer was built for cross-attention with context_dim={context_dim} "
+                f"!= input_dim={input_dim}: pass context=... of shape (B, S, {context_dim})"
+            )
+        return
+    if mechanism:
+        raise ValueError(
+            f"context (cross-attention) is served by the mechanisms without positions "
+            f"(VanillaSelfAttention, MultiHeadSelfAttention, GroupedSelfAttention, "
+            f"LinearSelfAttention); {mechanism} defines its pattern on positions that a "
+            f"separate key sequence does not share"
+        )
+    if is_causal:
+        raise ValueError(
+            "is_causal=True cannot be used with context: causality compares the positions "
+            "of queries and keys, and the context's keys are another sequence"
+        )
     shape = _shape(shape)
-    target = (batch, heads, length, length)
+    if len(shape) != 3 or not _same(shape[-1], context_dim):
+        raise ValueError(f"expected context of shape (B, S, {context_dim}), got {shape}")
+    if not _same(shape[0], batch):
+        raise ValueError(
+            f"context batch {shape[0]} does not match the batch of x, B = {batch}; "
+            f"got context of shape {shape}"
+        )
+    if _is(shape[1], 0):
+        raise ValueError(f"expected a context length S >= 1, got context of shape {shape}")
+
+
+def validate_start(name: str, value) -> None:
+    """A tiled (sparse) mechanism takes positions as a start offset: a Python int."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(
+            f"{name} of a tiled mechanism (local, dilated, block) must be None or a start "
+            f"offset (a Python int: positions start, start + 1, ...), got {type(value).__name__}"
+        )
+
+
+def validate_mask(
+    shape: Sequence[int], batch: int, heads: int, length: int, keys: int | None = None
+) -> None:
+    """A keep-mask is ``(L, S)``, ``(B, L, S)`` or rank 4 broadcastable to ``(B, H, L, S)``
+    (``S = L`` in self-attention)."""
+    shape = _shape(shape)
+    names, square = "(B, H, L, S)", "(L, S), (B, L, S)"
+    if keys is None:
+        keys, names, square = length, "(B, H, L, L)", "(L, L), (B, L, L)"
+    target = (batch, heads, length, keys)
     if len(shape) == 2:
         padded = (1, 1, *shape)
     elif len(shape) == 3:
         padded = (shape[0], 1, *shape[1:])
     else:
         padded = shape
-    fits = len(padded) == 4 and all(d in (1, t) for d, t in zip(padded, target, strict=True))
+    fits = len(padded) == 4 and all(
+        _is(d, 1) or _same(d, t) for d, t in zip(padded, target, strict=True)
+    )
     if len(shape) in (2, 3):
-        fits = fits and shape[-2:] == (length, length)
+        fits = fits and _same(shape[-2], length) and _same(shape[-1], keys)
     if not fits:
         raise ValueError(
-            f"mask of shape {shape} does not fit (B, H, L, L) = {target}; expected "
-            f"(L, L), (B, L, L) or a rank-4 shape broadcastable to (B, H, L, L)"
+            f"mask of shape {shape} does not fit {names} = {target}; expected "
+            f"{square} or a rank-4 shape broadcastable to {names}"
         )

@@ -33,7 +33,8 @@ def alibi_slopes(num_heads: int, device: torch.device | str | None = None) -> Te
 
 class ALiBiSelfAttention(SelfAttention):
     """Multi-head self-attention with linear biases: scores
-    ``q·k / (sqrt(D) * temperature) - m_h * abs(i - j)``.
+    ``q·k / (sqrt(D) * temperature) - m_h * abs(p_i - s_j)`` on the positions of query i
+    and key j (``0..L-1`` in a self-attention call).
 
     The bias is made per call from positions for the length at hand, so any L works and
     the state_dict holds only the projections. Complexity: O(L² · E) time; the fast path
@@ -46,6 +47,8 @@ class ALiBiSelfAttention(SelfAttention):
         attn = ALiBiSelfAttention(d_model=128, num_heads=12)
         out, weights = attn(torch.randn(4, 512, 128))   # (4, 512, 128), (4, 12, 512, 512)
     """
+
+    positional = True
 
     def __init__(self, d_model: int, num_heads: int, **options: Any) -> None:
         super().__init__(d_model, num_heads, num_heads, **options)

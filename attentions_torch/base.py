@@ -2,8 +2,9 @@
 
 A mechanism is a subclass: the dense ones differ only in their head counts and core
 options (ALiBi's slopes); the sparse ones compute their pattern on tiles in their own
-``attend`` (``sparse.py``). Shape legend: B batch, L length, H query heads, K kv heads,
-D head width, E model width.
+``attend`` (``sparse.py``). Shape legend: B batch, L query length, S key length (``S = L``
+in self-attention, the context's length in cross-attention), H query heads, K kv heads,
+D head width, E model width, C context width.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validation import validate_heads, validate_input, validate_options, validate_rope_base
+from ._validation import (
+    validate_context,
+    validate_heads,
+    validate_input,
+    validate_options,
+    validate_rope_base,
+)
 from .functional import dot_product_attention, merge_heads, split_heads
 from .masks import as_keep_mask
 from .rope import apply_rope
@@ -26,9 +33,13 @@ class SelfAttention(nn.Module):
     """Dense softmax self-attention with ``num_heads`` query and ``num_kv_heads`` kv heads.
 
     The concrete classes fix the head counts and the pattern; see docs/semantics.md.
-    Parameters: ``w_q`` (input_dim -> H*D), ``w_k``/``w_v`` (input_dim -> K*D), ``w_o``
-    (E -> E), Xavier-uniform weights, zero biases.
+    Parameters: ``w_q`` (input_dim -> H*D), ``w_k``/``w_v`` (context_dim -> K*D; context_dim
+    defaults to input_dim), ``w_o`` (E -> E), Xavier-uniform weights, zero biases.
     """
+
+    positional = False
+    """The mechanism's pattern or bias is defined on positions (local, dilated, block,
+    ALiBi), so it cannot attend to a ``context`` (cross-attention); ``rope=True`` too."""
 
     def __init__(
         self,
@@ -43,15 +54,22 @@ class SelfAttention(nn.Module):
         rope: bool = False,
         rope_interleaved: bool = True,
         rope_base: float = 10000.0,
+        context_dim: int | None = None,
     ) -> None:
         super().__init__()
         d_head = validate_heads(d_model, num_heads, num_kv_heads)
         validate_options(
-            input_dim=input_dim, dropout=dropout, temperature=temperature, rope=rope, d_head=d_head
+            input_dim=input_dim,
+            dropout=dropout,
+            temperature=temperature,
+            rope=rope,
+            d_head=d_head,
+            context_dim=context_dim,
         )
         validate_rope_base(rope_base)
         self.d_model = d_model
         self.input_dim = d_model if input_dim is None else input_dim
+        self.context_dim = self.input_dim if context_dim is None else context_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.d_head = d_head
@@ -61,8 +79,8 @@ class SelfAttention(nn.Module):
         self.rope_interleaved = rope_interleaved
         self.rope_base = float(rope_base)
         self.w_q = nn.Linear(self.input_dim, num_heads * d_head, bias=bias)
-        self.w_k = nn.Linear(self.input_dim, num_kv_heads * d_head, bias=bias)
-        self.w_v = nn.Linear(self.input_dim, num_kv_heads * d_head, bias=bias)
+        self.w_k = nn.Linear(self.context_dim, num_kv_heads * d_head, bias=bias)
+        self.w_v = nn.Linear(self.context_dim, num_kv_heads * d_head, bias=bias)
         self.w_o = nn.Linear(d_model, d_model, bias=bias)
         self.reset_parameters()
 
@@ -87,11 +105,17 @@ class SelfAttention(nn.Module):
         *,
         is_causal: bool,
         need_weights: bool,
+        query_positions: Tensor | int | None = None,
+        key_positions: Tensor | int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Core attention on heads: q ``(B, H, L, D)``, k/v ``(B, K, L, D)``.
+        """Core attention on heads: q ``(B, H, L, D)``, k/v ``(B, K, S, D)``.
 
-        ``mask`` is the caller's rank-4 keep-mask (or ``None``). Mechanisms with a pattern
-        of their own override this with a compact kernel (``sparse.py``, ``linear.py``).
+        ``mask`` is the caller's rank-4 keep-mask (or ``None``). The positions of the
+        queries and keys (docs/semantics.md, "Positions"): ``None`` for ``0..L-1`` and
+        ``0..S-1``, a start offset, or (dense mechanisms) integer tensors ``(L,)``/``(B, L)``
+        and ``(S,)``/``(B, S)``; causal, the patterns and ALiBi are stated on them. RoPE is
+        applied before, by the caller. Mechanisms with a pattern of their own override this
+        with a compact kernel (``sparse.py``, ``linear.py``).
         """
         return dot_product_attention(
             q,
@@ -103,6 +127,8 @@ class SelfAttention(nn.Module):
             scale=self.scale,
             dropout_p=self.dropout_p,
             need_weights=need_weights,
+            query_positions=query_positions,
+            key_positions=key_positions,
         )
 
     def core_options(self, device: torch.device) -> dict[str, Any]:
@@ -114,33 +140,53 @@ class SelfAttention(nn.Module):
         """The dropout rate in training, 0.0 in eval mode."""
         return self.dropout if self.training else 0.0
 
+    def positional_name(self) -> str:
+        """What makes this layer positional (for the cross-attention error), or ``""``."""
+        name = type(self).__name__
+        if self.positional:
+            return name
+        return f"{name} with rope=True" if self.rope else ""
+
     def forward(
         self,
         x: Tensor,
         mask: Tensor | None = None,
         *,
+        context: Tensor | None = None,
         is_causal: bool = False,
         need_weights: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
-        """Self-attention over ``x`` ``(B, L, input_dim)``.
+        """Self-attention over ``x``, or cross-attention from ``x`` to ``context``.
 
         Args:
-          x: ``(B, L, input_dim)``.
-          mask: keep-mask ``(L, L)``, ``(B, L, L)`` or broadcastable to ``(B, H, L, L)``;
-            non-zero / ``True`` = may attend.
+          x: ``(B, L, input_dim)``, the queries (and the keys and values without context).
+          mask: keep-mask ``(L, S)``, ``(B, L, S)`` or broadcastable to ``(B, H, L, S)``;
+            non-zero / ``True`` = may attend (``S = L`` without context).
+          context: ``(B, S, context_dim)``: keys and values come from it (cross-attention;
+            the mechanisms without positions only, and not with ``is_causal``).
           is_causal: also hide keys after the query.
-          need_weights: return the ``(B, H, L, L)`` weights; ``False`` takes the fast path
+          need_weights: return the ``(B, H, L, S)`` weights; ``False`` takes the fast path
             and returns ``None`` for them.
 
         Returns:
-          ``(out, weights)``: out ``(B, L, E)``, weights ``(B, H, L, L)`` or ``None``.
+          ``(out, weights)``: out ``(B, L, E)``, weights ``(B, H, L, S)`` or ``None``.
         """
         validate_input(x.shape, self.input_dim)
         batch, length, _ = x.shape
-        keep = as_keep_mask(mask, batch, self.num_heads, length)
+        validate_context(
+            None if context is None else context.shape,
+            self.context_dim,
+            batch,
+            input_dim=self.input_dim,
+            mechanism=self.positional_name(),
+            is_causal=is_causal,
+        )
+        source = x if context is None else context
+        keys = None if context is None else context.shape[1]
+        keep = as_keep_mask(mask, batch, self.num_heads, length, keys)
         q = split_heads(self.w_q(x), self.num_heads)
-        k = split_heads(self.w_k(x), self.num_kv_heads)
-        v = split_heads(self.w_v(x), self.num_kv_heads)
+        k = split_heads(self.w_k(source), self.num_kv_heads)
+        v = split_heads(self.w_v(source), self.num_kv_heads)
         if self.rope:
             q = apply_rope(q, base=self.rope_base, interleaved=self.rope_interleaved)
             k = apply_rope(k, base=self.rope_base, interleaved=self.rope_interleaved)
@@ -152,4 +198,5 @@ class SelfAttention(nn.Module):
             f"d_model={self.d_model}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, rope={self.rope}"
             + (f", rope_base={self.rope_base}" if self.rope else "")
+            + (f", context_dim={self.context_dim}" if self.context_dim != self.input_dim else "")
         )

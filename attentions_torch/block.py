@@ -1,4 +1,4 @@
-"""Block self-attention: query i sees key j iff ``i // block_size == j // block_size``."""
+"""Block self-attention: query i sees key j iff ``p_i // block_size == s_j // block_size``."""
 
 from __future__ import annotations
 
@@ -9,43 +9,77 @@ import torch
 from torch import Tensor
 
 from ._validation import validate_positive
-from .sparse import AlignedTiling, TiledSelfAttention, merge_tiles, pad_positions
+from .masks import block_keep
+from .sparse import TiledSelfAttention, WindowTiling, tile_count, window_tiling
 
 __all__ = ["BlockSelfAttention", "BlockTiling", "block_tiling"]
 
 
 @dataclass(frozen=True)
-class BlockTiling(AlignedTiling):
-    """One tile per block: a view of the sequence as ``(N, b)``."""
+class BlockTiling(WindowTiling):
+    """One tile per block of absolute positions (the first and last may be partial)."""
 
-    def query_tiles(self, x: Tensor, tiles: slice) -> Tensor:
-        width = self.queries.shape[1]
-        piece = pad_positions(x, tiles.start * width, tiles.stop * width)
-        return piece.view(x.shape[0], tiles.stop - tiles.start, width, x.shape[2])
+    block_size: int
+    interior_visible = True
 
-    def untile(self, out: Tensor) -> Tensor:
-        return merge_tiles(out)[:, : self.length]
+    def pattern(self, queries: Tensor, keys: Tensor) -> Tensor:
+        return block_keep(queries, keys, self.block_size)
 
 
-def block_tiling(length: int, block_size: int, device: torch.device | None = None) -> BlockTiling:
-    """``N = ceil(L / b)`` tiles of ``b = min(block_size, L)`` positions, the last padded.
+def block_tiling(
+    length: int,
+    block_size: int,
+    device: torch.device | None = None,
+    *,
+    keys: int | None = None,
+    query_start: int = 0,
+    key_start: int = 0,
+) -> BlockTiling:
+    """Tiles of ``Q = min(block_size, L)`` queries, each inside one block of positions.
 
-    Each tile's keys are its queries: time and memory O(L · b).
+    With ``b = block_size``, the tiles follow the absolute blocks ``[m·b, (m + 1)·b)``: the
+    first tile starts at the block of ``query_start`` (indices before 0 are padding), so
+    with ``query_start = 0`` they are ``ceil(L / Q)`` tiles, the last one padded. When the
+    keys are the queries (same start, ``S = L``) each tile's keys are its queries; else
+    tile t's keys are the b keys of its block. If ``L < b`` the queries touch at most two
+    blocks and the tiles, L wide, meet at the block boundary. Time and memory O(L · b).
+    In export mode ``Q = b`` (see ``sparse``).
     """
-    width = min(block_size, length)
-    tiles = -(-length // width)
-    queries = torch.arange(tiles * width, device=device).view(tiles, width)
-    padded = int(tiles * width > length)
-    return BlockTiling(queries, queries, length, edges=(0, padded))
+    keys = length if keys is None else keys
+    width = block_size
+    if not torch.compiler.is_exporting():
+        width = min(block_size, length)
+    first_block = query_start // block_size * block_size
+    boundary = first_block + block_size - query_start  # index of the next block's first query
+    query_first = boundary - width if boundary < width else 0
+    if query_start == key_start and keys == length:
+        key_first, key_step, key_width = query_first, width, width
+    else:
+        key_first, key_step, key_width = first_block - key_start, block_size, block_size
+    return window_tiling(
+        BlockTiling,
+        tiles=tile_count(length - query_first, width),
+        width=width,
+        key_width=key_width,
+        key_step=key_step,
+        query_first=query_first,
+        key_first=key_first,
+        length=length,
+        keys=keys,
+        query_start=query_start,
+        key_start=key_start,
+        device=device,
+        block_size=block_size,
+    )
 
 
 class BlockSelfAttention(TiledSelfAttention):
     """Multi-head attention within fixed blocks: key j visible from query i iff
-    ``i // block_size == j // block_size``; the last block may be shorter.
+    ``p_i // block_size == s_j // block_size``; the last block may be shorter.
 
     The fast path (``need_weights=False``) attends block by block on views of q, k, v:
-    time and memory O(L · b · E), never an ``(L, L)`` tensor. ``need_weights=True``
-    scatters the blocks' weights into the dense ``(B, H, L, L)`` result (block diagonal).
+    time and memory O(L · b · E), never an ``(L, S)`` tensor. ``need_weights=True``
+    scatters the blocks' weights into the dense ``(B, H, L, S)`` result (block diagonal).
 
     Example::
 
@@ -58,8 +92,24 @@ class BlockSelfAttention(TiledSelfAttention):
         super().__init__(d_model, num_heads, num_heads, **options)
         self.block_size = block_size
 
-    def tiling(self, length: int, *, is_causal: bool, device: torch.device) -> BlockTiling:
-        return block_tiling(length, self.block_size, device)
+    def tiling(
+        self,
+        length: int,
+        *,
+        is_causal: bool,
+        device: torch.device,
+        keys: int | None = None,
+        query_start: int = 0,
+        key_start: int = 0,
+    ) -> BlockTiling:
+        return block_tiling(
+            length,
+            self.block_size,
+            device,
+            keys=keys,
+            query_start=query_start,
+            key_start=key_start,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block_size={self.block_size}"

@@ -6,11 +6,15 @@ D head width.
 
 Semantics shared with ``attentions_jax.functional``:
 
+* Query i sits at position ``p_i`` and key j at ``s_j`` (docs/semantics.md, "Positions"):
+  ``0..L-1`` and ``0..S-1`` by default, else a start offset or integer positions
+  ``(L,)`` / ``(B, L)`` (``query_positions``, ``key_positions``). Every position rule below
+  is stated on them.
 * ``mask`` is a boolean keep-mask broadcastable to ``(B, H, L, S)``; ``is_causal`` ANDs
-  the causal mask ``j <= i`` into it.
+  the causal mask ``s_j <= p_i`` into it.
 * ``bias`` is added to the scaled scores, broadcastable to ``(B, H, L, S)``.
-* ``alibi_slopes`` ``(H,)`` adds the ALiBi bias ``-m_h * abs(i - j)`` after ``bias``; it is
-  built from positions for the queries at hand, so the fast path never holds it whole.
+* ``alibi_slopes`` ``(H,)`` adds the ALiBi bias ``-m_h * abs(p_i - s_j)`` after ``bias``; it
+  is built from positions for the queries at hand, so the fast path never holds it whole.
 * The softmax runs in float32 or wider and the result is cast back to the input dtype.
 * A query that sees no key gets a zero row of weights and a zero output, never NaN.
 """
@@ -18,6 +22,7 @@ Semantics shared with ``attentions_jax.functional``:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +39,14 @@ __all__ = [
     "split_heads",
 ]
 
+Positions = Tensor | int | None
+"""Where n tokens sit: ``None`` (``0..n-1``), a start offset (an int or a 0-dim integer
+tensor: ``start..start+n-1``) or integer positions ``(n,)`` or ``(B, n)``."""
+
 QUERY_CHUNK = 1024
 """Queries per SDPA call when the fast path builds a mask or bias per query: ALiBi with a
-user mask or bias, or a mask together with ``is_causal``. The mask or bias SDPA sees is
-then ``(B, H, chunk, S)``, O(chunk·S) memory instead of O(L·S).
+user mask or bias, a mask together with ``is_causal``, or positions given as a tensor. The
+mask or bias SDPA sees is then ``(B, H, chunk, S)``, O(chunk·S) memory instead of O(L·S).
 
 On CPU (H = 8, D = 64, L = 2048 and 4096) one call with the whole ``(H, L, S)`` bias was
 no faster than calls on 512 to 2048 queries.
@@ -65,32 +74,91 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _causal(query_positions: Tensor, keys: int) -> Tensor:
-    """``(l, S)`` keep-mask ``j <= i`` for the given query positions."""
-    return query_positions[:, None] >= torch.arange(keys, device=query_positions.device)
+def _is_start(positions: Positions) -> bool:
+    """``positions`` is a start offset known to Python (``None`` is the start 0)."""
+    return positions is None or (isinstance(positions, int) and not isinstance(positions, bool))
 
 
-def alibi_bias(slopes: Tensor, query_positions: Tensor, keys: int) -> Tensor:
-    """``(H, l, S)`` ALiBi bias ``-m_h * abs(i - j)`` in the slopes' dtype.
+def _offset(query_positions: Positions, key_positions: Positions) -> int | None:
+    """``d`` with ``p_i - s_j = d + i - j`` when both positions are Python starts; ``None``
+    when either is a tensor (then the rules are built from the positions themselves)."""
+    if not (_is_start(query_positions) and _is_start(key_positions)):
+        return None
+    return (query_positions or 0) - (key_positions or 0)
 
-    slopes: ``(H,)``; query_positions: ``(l,)`` positions i; keys j are ``0..S-1``.
+
+def check_positions(name: str, positions: Positions, count: int, batch: int) -> None:
+    """``positions`` of n tokens must be ``None``, an int, or an integer tensor of shape
+    ``()``, ``(n,)`` or ``(B|1, n)``; ``ValueError`` otherwise."""
+    if _is_start(positions):
+        return
+    if isinstance(positions, Tensor) and not positions.is_floating_point():
+        shape = tuple(positions.shape)
+        if positions.dtype != torch.bool and (
+            shape in ((), (count,), (1, count)) or shape == (batch, count)
+        ):
+            return
+        given = f"a {positions.dtype} tensor of shape {shape}"
+    elif isinstance(positions, Tensor):
+        given = f"a {positions.dtype} tensor of shape {tuple(positions.shape)}"
+    else:
+        given = type(positions).__name__
+    raise ValueError(
+        f"{name} must be None, a start offset (an int or a 0-dim integer tensor) or integer "
+        f"positions of shape ({count},) or ({batch}, {count}), got {given}"
+    )
+
+
+def _position_rows(positions: Positions, count: int, device: torch.device) -> Tensor:
+    """``(B|1, n)`` integer positions of n tokens (see ``Positions``)."""
+    if positions is None:
+        return torch.arange(count, device=device)[None]
+    if isinstance(positions, Tensor) and positions.dim() > 0:
+        rows = positions.to(device)
+        return rows[None] if rows.dim() == 1 else rows
+    start = positions.to(device) if isinstance(positions, Tensor) else positions
+    return (torch.arange(count, device=device) + start)[None]
+
+
+def _causal(query_rows: Tensor, key_rows: Tensor) -> Tensor:
+    """``(B|1, 1, l, S)`` keep-mask ``s_j <= p_i`` from positions ``(B|1, l)``, ``(B|1, S)``."""
+    return key_rows[:, None, None, :] <= query_rows[:, None, :, None]
+
+
+def _alibi(slopes: Tensor, query_rows: Tensor, key_rows: Tensor) -> Tensor:
+    """``(B|1, H, l, S)`` ALiBi bias ``-m_h * abs(p_i - s_j)`` in the slopes' dtype."""
+    distance = (query_rows[:, None, :, None] - key_rows[:, None, None, :]).abs()
+    return -slopes[None, :, None, None] * distance.to(slopes.dtype)
+
+
+def alibi_bias(slopes: Tensor, query_positions: Tensor, keys: int | Tensor) -> Tensor:
+    """``(H, l, S)`` ALiBi bias ``-m_h * abs(p_i - s_j)`` in the slopes' dtype.
+
+    slopes: ``(H,)``; query_positions: ``(l,)`` positions p_i, or ``(B, l)``; keys: the
+    count S of keys at ``0..S-1``, or their positions ``(S,)`` / ``(B, S)``. With positions of
+    rank 2 the result is ``(B, H, l, S)``.
     """
-    keys_positions = torch.arange(keys, device=query_positions.device)
-    distance = (query_positions[:, None] - keys_positions[None, :]).abs().to(slopes.dtype)
-    return -slopes[:, None, None] * distance
+    if not isinstance(keys, Tensor):
+        keys = torch.arange(keys, device=query_positions.device)
+    batched = query_positions.dim() == 2 or keys.dim() == 2
+    query_rows = query_positions if query_positions.dim() == 2 else query_positions[None]
+    bias = _alibi(slopes, query_rows, keys if keys.dim() == 2 else keys[None])
+    return bias if batched else bias[0]
 
 
 def _with_alibi(
-    bias: Tensor | None, slopes: Tensor | None, query_positions: Tensor, keys: int, dtype
+    bias: Tensor | None,
+    slopes: Tensor | None,
+    query_rows: Tensor,
+    key_rows: Tensor,
+    dtype: torch.dtype,
 ) -> Tensor | None:
-    """``bias + alibi_bias`` in ``dtype``, broadcastable to ``(B, H, l, S)``; either may be
-    absent."""
+    """``bias + ALiBi`` in ``dtype``, broadcastable to ``(B, H, l, S)``; either may be
+    absent. Positions: ``(B|1, l)`` and ``(B|1, S)``."""
     if slopes is None:
         return bias
-    # (1, H, l, S): a rank-4 float mask keeps SDPA on its fused kernel
-    alibi = alibi_bias(
-        slopes.to(device=query_positions.device, dtype=dtype), query_positions, keys
-    )[None]
+    # (B|1, H, l, S): a rank-4 float mask keeps SDPA on its fused kernel
+    alibi = _alibi(slopes.to(device=query_rows.device, dtype=dtype), query_rows, key_rows)
     return alibi if bias is None else bias.to(dtype) + alibi
 
 
@@ -104,6 +172,26 @@ def _query_rows(x: Tensor | None, start: int, stop: int) -> Tensor | None:
     return x if x is None or x.shape[2] == 1 else x[:, :, start:stop]
 
 
+def _row_blocks(length: int, rows: int | None) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of the blocks of ``rows`` queries (one block for ``None``).
+
+    Under ``torch.export`` the length may be symbolic and a Python loop over it would pin
+    it to the traced value: the exported program then takes all queries in one block (its
+    masks and biases are ``(l, S)`` for the whole length).
+    """
+    if rows is None or torch.compiler.is_exporting():
+        yield 0, length
+        return
+    for start in range(0, length, rows):
+        yield start, min(start + rows, length)
+
+
+def _grouped(q: Tensor, k: Tensor) -> bool:
+    """Query heads share kv heads (``H != K``): SDPA's ``enable_gqa``. A plain bool also
+    when the head axes are symbolic (the sparse tilings put their tiles there)."""
+    return bool(q.shape[1] != k.shape[1])
+
+
 def dot_product_attention_weights(
     q: Tensor,
     k: Tensor,
@@ -113,18 +201,23 @@ def dot_product_attention_weights(
     alibi_slopes: Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    query_positions: Positions = None,
+    key_positions: Positions = None,
 ) -> Tensor:
     """Attention weights ``(B, H, L, S)`` in float32 or wider.
 
-    q: ``(B, H, L, D)``; k: ``(B, K, S, D)``; alibi_slopes: ``(H,)``. Rows sum to 1 over
-    visible keys and are exactly 0 where a key is hidden (the whole row for a query that
-    sees nothing).
+    q: ``(B, H, L, D)``; k: ``(B, K, S, D)``; alibi_slopes: ``(H,)``; positions as in
+    ``dot_product_attention``. Rows sum to 1 over visible keys and are exactly 0 where a
+    key is hidden (the whole row for a query that sees nothing).
     """
     batch, heads, length, d_head = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
+    check_positions("query_positions", query_positions, length, batch)
+    check_positions("key_positions", key_positions, keys, batch)
     scale = 1.0 / math.sqrt(d_head) if scale is None else scale
     acc = _accumulation_dtype(q.dtype)
-    positions = torch.arange(length, device=q.device)
+    query_rows = _position_rows(query_positions, length, q.device)
+    key_rows = _position_rows(key_positions, keys, q.device)
     # (B, K, G, L, D) @ (B, K, 1, D, S) -> (B, K, G, L, S): grouped heads share one kv head
     grouped = (q.to(acc) * scale).reshape(batch, kv_heads, heads // kv_heads, length, d_head)
     scores = grouped @ k.to(acc).transpose(-1, -2)[:, :, None]
@@ -133,13 +226,12 @@ def dot_product_attention_weights(
     # reads q and k): the bias and the mask go in in place, with no second (B, H, L, S)
     if bias is not None or alibi_slopes is not None:
         bias = _as_rank4(bias)
-        for start in range(0, length, BIAS_ROWS):
-            stop = min(start + BIAS_ROWS, length)
+        for start, stop in _row_blocks(length, BIAS_ROWS):
             rows = _query_rows(bias, start, stop)
             scores[:, :, start:stop] += _with_alibi(
-                rows, alibi_slopes, positions[start:stop], keys, acc
+                rows, alibi_slopes, query_rows[:, start:stop], key_rows, acc
             ).to(acc)
-    keep = combine_masks(mask, _causal(positions, keys) if is_causal else None)
+    keep = combine_masks(mask, _causal(query_rows, key_rows) if is_causal else None)
     if keep is None:
         return torch.softmax(scores, dim=-1)
     hidden = ~keep
@@ -160,32 +252,41 @@ def _apply_weights(weights: Tensor, v: Tensor) -> Tensor:
     return out.reshape(batch, heads, length, v.shape[-1])
 
 
-def _alibi_sdpa(
+def _toeplitz_sdpa(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    slopes: Tensor,
+    slopes: Tensor | None,
     *,
+    offset: int,
     is_causal: bool,
     scale: float | None,
     dropout_p: float,
 ) -> Tensor:
-    """ALiBi without a user mask: SDPA reads its bias from ``H·(L + S − 1)`` numbers.
+    """ALiBi and/or causal on offset positions without a user mask: SDPA reads its bias
+    from ``H·(L + S − 1)`` numbers (``L + S − 1`` for causal alone).
 
-    The bias ``-m_h * abs(i - j)`` depends on ``i - j`` alone. With the queries in reverse
-    order (row r is query ``i = L − 1 − r``) it depends on ``t = r + j``, so the
-    ``(1, H, L, S)`` bias is a strided view (strides 1 and 1) of the vector
-    ``w[h, t] = -m_h * abs(L − 1 − t)``; ``j <= i`` is ``t <= L − 1``. The fused kernel reads
-    it in place: O(H·(L + S)) memory and no per-call ``(H, L, S)`` tensor to fill.
+    With ``p_i - s_j = d + i - j`` (``d = offset``) the bias ``-m_h * abs(p_i - s_j)`` and
+    the causal rule ``s_j <= p_i`` depend on ``i - j`` alone. With the queries in reverse
+    order (row r is query ``i = L − 1 − r``) they depend on ``t = r + j``: ``p_i - s_j =
+    L − 1 + d − t``, so the ``(1, H|1, L, S)`` bias is a strided view (strides 1 and 1) of
+    the vector ``w[h, t] = -m_h * abs(L − 1 + d − t)``, the most negative number where
+    ``t > L − 1 + d``. The fused kernel reads it in place: O(H·(L + S)) memory and no
+    per-call ``(H, L, S)`` tensor to fill.
     """
-    heads, length, keys = q.shape[1], q.shape[2], k.shape[2]
+    length, keys = q.shape[2], k.shape[2]
     acc = _accumulation_dtype(q.dtype)
-    offsets = torch.arange(length + keys - 1, device=q.device)
-    distance = (offsets - (length - 1)).abs().to(acc)
-    toeplitz = (-slopes.to(device=q.device, dtype=acc)[:, None] * distance).to(q.dtype)
+    # p_i - s_j along t = r + j
+    distance = (length - 1 + offset) - torch.arange(length + keys - 1, device=q.device)
+    if slopes is None:
+        toeplitz = q.new_zeros(1, distance.shape[0])
+    else:
+        alibi = -slopes.to(device=q.device, dtype=acc)[:, None] * distance.abs().to(acc)
+        toeplitz = alibi.to(q.dtype)
     if is_causal:
-        toeplitz = toeplitz.masked_fill(offsets > length - 1, torch.finfo(q.dtype).min)
-    bias = toeplitz.as_strided((1, heads, length, keys), (0, length + keys - 1, 1, 1))
+        toeplitz = toeplitz.masked_fill(distance < 0, torch.finfo(q.dtype).min)
+    rows = toeplitz.shape[0]
+    bias = toeplitz.as_strided((1, rows, length, keys), (0, length + keys - 1, 1, 1))
     out = F.scaled_dot_product_attention(
         q.flip(2),
         k,
@@ -193,9 +294,13 @@ def _alibi_sdpa(
         attn_mask=bias,
         dropout_p=dropout_p,
         scale=scale,
-        enable_gqa=heads != k.shape[1],
-    )
-    return out.flip(2)
+        enable_gqa=_grouped(q, k),
+    ).flip(2)
+    if is_causal and offset < 0:
+        # queries before the first key see none: zeros, not the mean(V) of min-filled rows
+        sees = torch.arange(length, device=q.device) + offset >= 0
+        out = out * sees[:, None]
+    return out
 
 
 def _masked_sdpa(
@@ -224,12 +329,49 @@ def _masked_sdpa(
         attn_mask=attn_mask,
         dropout_p=dropout_p,
         scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
+        enable_gqa=_grouped(q, k),
     )
     if keep is not None:
         # SDPA gives a fully hidden row mean(V) (float mask) or version-dependent zeros
         out = out * keep.any(dim=-1, keepdim=True)
     return out
+
+
+def _chunked_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    alibi_slopes: Tensor | None,
+    *,
+    is_causal: bool,
+    query_positions: Positions,
+    key_positions: Positions,
+    scale: float | None,
+    dropout_p: float,
+) -> Tensor:
+    """SDPA with a mask or bias: the given ones in one call, one made per query (ALiBi,
+    causal) on ``QUERY_CHUNK`` queries at a time from the positions."""
+    length, keys = q.shape[2], k.shape[2]
+    mask, bias = _as_rank4(mask), _as_rank4(bias)
+    acc = _accumulation_dtype(q.dtype)
+    query_rows = _position_rows(query_positions, length, q.device)
+    key_rows = _position_rows(key_positions, keys, q.device)
+    per_query = alibi_slopes is not None or is_causal
+    outs = []
+    for start, stop in _row_blocks(length, QUERY_CHUNK if per_query else None):
+        rows = query_rows[:, start:stop]
+        keep = combine_masks(
+            _query_rows(mask, start, stop), _causal(rows, key_rows) if is_causal else None
+        )
+        chunk_bias = _with_alibi(_query_rows(bias, start, stop), alibi_slopes, rows, key_rows, acc)
+        outs.append(
+            _masked_sdpa(
+                q[:, :, start:stop], k, v, keep, chunk_bias, scale=scale, dropout_p=dropout_p
+            )
+        )
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def dot_product_attention(
@@ -244,6 +386,8 @@ def dot_product_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = True,
+    query_positions: Positions = None,
+    key_positions: Positions = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention.
 
@@ -252,60 +396,83 @@ def dot_product_attention(
       k, v: ``(B, K, S, D)`` with ``H % K == 0``.
       mask: boolean keep-mask broadcastable to ``(B, H, L, S)``, or ``None``.
       bias: additive score bias broadcastable to ``(B, H, L, S)``, or ``None``.
-      alibi_slopes: ``(H,)`` ALiBi slopes m_h, adding ``-m_h * abs(i - j)`` to the scores,
-        or ``None``.
-      is_causal: AND the causal pattern ``j <= i`` into ``mask``.
+      alibi_slopes: ``(H,)`` ALiBi slopes m_h, adding ``-m_h * abs(p_i - s_j)`` to the
+        scores, or ``None``.
+      is_causal: AND the causal pattern ``s_j <= p_i`` into ``mask``.
       scale: score scale, default ``1 / sqrt(D)``.
       dropout_p: dropout on the attention weights (pass 0.0 outside training).
       need_weights: ``True`` returns the ``(B, H, L, S)`` weights (before dropout);
-        ``False`` runs ``F.scaled_dot_product_attention`` and returns ``None``: ALiBi alone
-        as a strided view of ``H·(L + S − 1)`` bias values, and on ``QUERY_CHUNK`` queries
-        at a time when a mask or bias has to be built per query (ALiBi with a mask or
-        bias, a mask with ``is_causal``).
+        ``False`` runs ``F.scaled_dot_product_attention`` and returns ``None``.
+      query_positions: the positions p of the queries: ``None`` (``0..L-1``), a start
+        offset (an int, or a 0-dim integer tensor), or integer positions ``(L,)`` /
+        ``(B, L)``.
+      key_positions: the positions s of the keys, the same way (``None``: ``0..S-1``).
+
+    The fast path (``need_weights=False``) takes, in this order: SDPA's own ``is_causal``
+    when the rule is its top-left one (both positions None or equal starts); ALiBi and/or
+    causal on int starts as a strided view of ``H·(L + S − 1)`` bias values
+    (``_toeplitz_sdpa``); otherwise ``QUERY_CHUNK`` queries at a time when a mask or bias
+    has to be built per query (ALiBi with a mask or bias, a mask with ``is_causal``,
+    tensor positions). Under ``torch.export`` the chunks become one call (see
+    ``_row_blocks``), so a symbolic L stays symbolic.
 
     Returns:
       ``(out, weights)``: out ``(B, H, L, D)`` in q's dtype.
     """
     if need_weights:
         weights = dot_product_attention_weights(
-            q, k, mask, bias=bias, alibi_slopes=alibi_slopes, is_causal=is_causal, scale=scale
+            q,
+            k,
+            mask,
+            bias=bias,
+            alibi_slopes=alibi_slopes,
+            is_causal=is_causal,
+            scale=scale,
+            query_positions=query_positions,
+            key_positions=key_positions,
         )
         dropped = F.dropout(weights, dropout_p) if dropout_p > 0.0 else weights
         return _apply_weights(dropped, v).to(q.dtype), weights.to(q.dtype)
 
-    if mask is None and bias is None and alibi_slopes is None:
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-        return out, None
+    offset = _offset(query_positions, key_positions)
+    if offset is None:
+        check_positions("query_positions", query_positions, q.shape[2], q.shape[0])
+        check_positions("key_positions", key_positions, k.shape[2], q.shape[0])
     if mask is None and bias is None:
-        out = _alibi_sdpa(
-            q, k, v, alibi_slopes, is_causal=is_causal, scale=scale, dropout_p=dropout_p
-        )
-        return out, None
-    length, keys = q.shape[2], k.shape[2]
-    mask, bias = _as_rank4(mask), _as_rank4(bias)
-    acc = _accumulation_dtype(q.dtype)
-    positions = torch.arange(length, device=q.device)
-    # a mask or bias made per query (ALiBi, causal) goes in chunks; a given one in one call
-    chunk = QUERY_CHUNK if alibi_slopes is not None or is_causal else length
-    outs = []
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
-        rows = positions[start:stop]
-        keep = combine_masks(
-            _query_rows(mask, start, stop), _causal(rows, keys) if is_causal else None
-        )
-        chunk_bias = _with_alibi(_query_rows(bias, start, stop), alibi_slopes, rows, keys, acc)
-        outs.append(
-            _masked_sdpa(
-                q[:, :, start:stop], k, v, keep, chunk_bias, scale=scale, dropout_p=dropout_p
+        if alibi_slopes is None and (not is_causal or offset == 0):
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=_grouped(q, k),
             )
-        )
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)), None
+            return out, None
+        if offset is not None:
+            out = _toeplitz_sdpa(
+                q,
+                k,
+                v,
+                alibi_slopes,
+                offset=offset,
+                is_causal=is_causal,
+                scale=scale,
+                dropout_p=dropout_p,
+            )
+            return out, None
+    out = _chunked_sdpa(
+        q,
+        k,
+        v,
+        mask,
+        bias,
+        alibi_slopes,
+        is_causal=is_causal,
+        query_positions=query_positions,
+        key_positions=key_positions,
+        scale=scale,
+        dropout_p=dropout_p,
+    )
+    return out, None

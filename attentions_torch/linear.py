@@ -17,8 +17,12 @@ Paths, all computing that formula (``attentions_jax.linear`` takes the same step
   - non-causal: ``phi(K)ᵀ[V, 1]`` once per head, O(L·D²) time, O(D²) state;
   - causal: chunks of C queries, quadratic inside a chunk plus the prefix sum of the
     earlier chunks' ``phi(K_c)ᵀ[V_c, 1]``, O(L·(C + D)·D) time, O(L·D) memory;
-* a general ``(L, L)`` / ``(B, H, L, L)`` mask, or dropout in training (it drops entries
-  of A): ``out = A @ V`` from the quadratic form, O(L²·D).
+* a general ``(L, S)`` / ``(B, H, L, S)`` mask, or dropout in training (it drops entries
+  of A): ``out = A @ V`` from the quadratic form, O(L·S·D);
+* causal with positions of its own (queries at ``p``, keys at ``s``, docs/semantics.md
+  "Positions") or with ``S != L``: the causal rule ``s_j <= p_i`` becomes a general mask
+  and takes the quadratic form. Without causality positions change nothing: keys S != L
+  (cross-attention) keep the O(L + S) paths.
 
 ``need_weights=True`` also returns A ``(B, H, L, L)``, computed in one product from O(L)
 denominators; the output takes the same path either way and equals ``A @ V``.
@@ -42,7 +46,7 @@ from ._validation import (
     validate_unscaled,
 )
 from .base import SelfAttention
-from .functional import merge_heads
+from .functional import _causal, _position_rows, merge_heads
 from .masks import causal_mask
 from .rope import rope_angles, rotate
 
@@ -129,9 +133,12 @@ def _causal_attention(fq: Tensor, fk: Tensor, v: Tensor, chunk_size: int) -> Ten
 
     Inside a chunk the masked kernel is explicit ``(C, C)``; the chunks before it enter as
     the exclusive prefix sum of the chunk states ``phi(K_c)ᵀ [V_c, 1]``. Padded keys have
-    ``phi = 0`` and padded queries are cut off, so the padding changes nothing.
+    ``phi = 0`` and padded queries are cut off, so the padding changes nothing. While
+    ``torch.export`` traces a symbolic L, ``_prefix_attention`` serves instead.
     """
     length, d_head = v.shape[2:]
+    if torch.compiler.is_exporting():
+        return _prefix_attention(fq, fk, v)
     chunk = min(max(chunk_size, d_head), length)
     qc, kc, vc = _chunked(fq, chunk), _chunked(fk, chunk), _chunked(_append_ones(v), chunk)
     # (B, H, N, C, F) @ (B, H, N, F, C) -> (B, H, N, C, C), keys after the query zeroed
@@ -144,8 +151,18 @@ def _causal_attention(fq: Tensor, fk: Tensor, v: Tensor, chunk_size: int) -> Ten
     return _normalize(out.flatten(2, 3)[:, :, :length])
 
 
+def _prefix_attention(fq: Tensor, fk: Tensor, v: Tensor) -> Tensor:
+    """Causal O(L·D²) time and memory with no chunks, out ``(B, H, L, D)``: the states
+    after every key, ``cumsum_j phi(k_j) [v_j, 1]ᵀ`` ``(B, H, L, F, D + 1)``, read by each
+    query. ``torch.export`` takes this path: chunking a symbolic L asks whether it is a
+    multiple of the chunk, a branch the export would pin to the traced length.
+    """
+    states = (fk[..., :, None] * _append_ones(v)[..., None, :]).cumsum(2)
+    return _normalize((fq[..., None, :] @ states)[..., 0, :])
+
+
 def _kernel_weights(fq: Tensor, fk: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-    """The weights A ``(B, H, L, L)`` of the formula above.
+    """The weights A ``(B, H, L, S)`` of the formula above (causal only when ``S = L``).
 
     Without a general mask the denominators ``phi(q_i)·sum_j phi(k_j)`` (a prefix sum
     when causal) cost O(L·D), so A is one product ``(phi(Q) / den) phi(K)ᵀ``.
@@ -171,25 +188,39 @@ def linear_attention(
     dropout_p: float = 0.0,
     need_weights: bool = True,
     chunk_size: int = CHUNK_SIZE,
+    query_positions: Tensor | int | None = None,
+    key_positions: Tensor | int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Kernel attention (the formula above) on heads.
 
     Args:
-      q, k, v: ``(B, H, L, D)``.
-      mask: boolean keep-mask broadcastable to ``(B, H, L, L)`` (rank 4), or ``None``.
-      is_causal: AND the causal pattern ``j <= i`` into ``mask``.
+      q: ``(B, H, L, D)``; k, v: ``(B, H, S, D)``.
+      mask: boolean keep-mask broadcastable to ``(B, H, L, S)`` (rank 4), or ``None``.
+      is_causal: AND the causal pattern ``s_j <= p_i`` into ``mask``.
       feature_map: ``"elu"`` (``elu + 1``) or ``"relu"``.
       dropout_p: dropout on the weights A (pass 0.0 outside training); > 0 takes the
         quadratic path.
-      need_weights: ``True`` also returns A ``(B, H, L, L)`` (before dropout); the
-        output takes an O(L) path either way, unless ``mask`` is a general ``(L, L)``
-        mask or dropout is on.
+      need_weights: ``True`` also returns A ``(B, H, L, S)`` (before dropout); the
+        output takes an O(L) path either way, unless ``mask`` is a general ``(L, S)``
+        mask, dropout is on, or causality meets positions of its own.
       chunk_size: smallest chunk of the causal O(L) path.
+      query_positions, key_positions: ``None`` (``0..L-1``, ``0..S-1``), a start offset,
+        or integer tensors ``(L,)``/``(B, L)`` and ``(S,)``/``(B, S)``; only causality
+        reads them.
 
     Returns:
       ``(out, weights)``: out ``(B, H, L, D)`` in q's dtype; the arithmetic runs in float32
       or wider.
     """
+    length, keys = q.shape[2], k.shape[2]
+    if is_causal and (query_positions is not None or key_positions is not None or keys != length):
+        # the chunked prefix sums assume keys = queries in order: state causality as a mask
+        causal = _causal(
+            _position_rows(query_positions, length, q.device),
+            _position_rows(key_positions, keys, q.device),
+        )
+        mask = causal if mask is None else mask & causal
+        is_causal = False
     acc = _accumulation_dtype(q.dtype)
     fq = _phi(q.to(acc), feature_map)
     fk = _phi(k.to(acc), feature_map)
@@ -254,8 +285,11 @@ class LinearSelfAttention(SelfAttention):
         *,
         is_causal: bool,
         need_weights: bool,
+        query_positions: Tensor | int | None = None,
+        key_positions: Tensor | int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Kernel attention on heads (``linear_attention``); q, k, v ``(B, H, L, D)``."""
+        """Kernel attention on heads (``linear_attention``); q ``(B, H, L, D)``, k, v
+        ``(B, H, S, D)``."""
         return linear_attention(
             q,
             k,
@@ -266,6 +300,8 @@ class LinearSelfAttention(SelfAttention):
             dropout_p=self.dropout_p,
             need_weights=need_weights,
             chunk_size=self.chunk_size,
+            query_positions=query_positions,
+            key_positions=key_positions,
         )
 
     def init_state(self, batch: int) -> LinearAttentionState:

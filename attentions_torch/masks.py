@@ -89,16 +89,18 @@ def combine_masks(*masks: Tensor | None) -> Tensor | None:
     return out
 
 
-def as_keep_mask(mask: Tensor | None, batch: int, heads: int, length: int) -> Tensor | None:
+def as_keep_mask(
+    mask: Tensor | None, batch: int, heads: int, length: int, keys: int | None = None
+) -> Tensor | None:
     """Validate a user mask and return it as a rank-4 bool keep-mask.
 
-    Accepts ``(L, L)``, ``(B, L, L)`` or rank 4 broadcastable to ``(B, H, L, L)``; any
-    non-zero number counts as "keep", so a 0/1 float mask such as
-    ``torch.tril(torch.ones(L, L))`` works.
+    Accepts ``(L, S)``, ``(B, L, S)`` or rank 4 broadcastable to ``(B, H, L, S)``
+    (``keys = S``, ``None`` for self-attention, ``S = L``); any non-zero number counts as
+    "keep", so a 0/1 float mask such as ``torch.tril(torch.ones(L, L))`` works.
     """
     if mask is None:
         return None
-    validate_mask(mask.shape, batch, heads, length)
+    validate_mask(mask.shape, batch, heads, length, keys)
     keep = mask if mask.dtype == torch.bool else mask != 0
     if keep.dim() == 2:
         return keep[None, None]

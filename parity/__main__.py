@@ -23,26 +23,41 @@ from .check import DTYPES, Report, compare_layers
 from .mechanisms import MECHANISMS, Mechanism
 
 MASKS = ("none", "causal", "padding")
+CROSS_MASKS = ("cross", "cross+pad")
+"""Cross-attention rows (mechanisms without positions): a context of ``CONTEXT`` tokens of
+width ``CONTEXT_DIM``, without a mask and with the second sequence's context padded."""
 BATCH, LENGTH = 2, 13
-COLUMNS = ("output", "weights", "grad x", "grad W")
+CONTEXT, CONTEXT_DIM = 17, 24
+COLUMNS = ("output", "weights", "grad in", "grad W")
+"""``grad in``: the inputs' gradients (x, and the context in the cross-attention rows)."""
+PREFIXES = {"grad in": ("grad x", "grad context"), "grad W": ("grad w_",)}
 
 
-def _inputs(mechanism: Mechanism, mask_kind: str) -> tuple[np.ndarray, np.ndarray | None, bool]:
+def _padding(keys: int) -> np.ndarray:
+    """``(B, 1, 1, S)`` key padding: the second sequence is 4 keys shorter."""
+    lengths = np.array([keys, keys - 4])
+    return (np.arange(keys)[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def _inputs(mechanism: Mechanism, mask_kind: str) -> dict[str, Any]:
+    """``compare_layers``' keyword arguments for one row: x, mask, is_causal, context."""
     rng = np.random.default_rng(0)
     input_dim = mechanism.kwargs.get("input_dim", mechanism.kwargs["d_model"])
     x = rng.standard_normal((BATCH, LENGTH, input_dim))
-    if mask_kind == "padding":
-        lengths = np.array([LENGTH, LENGTH - 4])
-        mask = (np.arange(LENGTH)[None, :] < lengths[:, None])[:, None, None, :]
-        return x, mask, False
-    return x, None, mask_kind == "causal"
+    if mask_kind in CROSS_MASKS:
+        context = rng.standard_normal((BATCH, CONTEXT, CONTEXT_DIM))
+        mask = _padding(CONTEXT) if mask_kind == "cross+pad" else None
+        return {"x": x, "mask": mask, "is_causal": False, "context": context}
+    mask = _padding(LENGTH) if mask_kind == "padding" else None
+    return {"x": x, "mask": mask, "is_causal": mask_kind == "causal", "context": None}
 
 
 def _row(mechanism: Mechanism, dtype: str, mask_kind: str, report: Report) -> dict[str, Any]:
     errors = {}
     for column in COLUMNS:
-        worst = report.worst("grad w_" if column == "grad W" else column)
-        errors[column] = None if worst is None else worst.max_abs
+        found = [report.worst(p) for p in PREFIXES.get(column, (column,))]
+        found = [c.max_abs for c in found if c is not None]
+        errors[column] = max(found) if found else None
     return {
         "mechanism": mechanism.name,
         "dtype": dtype,
@@ -56,18 +71,24 @@ def _row(mechanism: Mechanism, dtype: str, mask_kind: str, report: Report) -> di
 def run(
     mechanisms: list[str], dtypes: list[str], progress: bool = True, device: str = "cpu"
 ) -> list[dict[str, Any]]:
-    """Compare every (mechanism, dtype, mask) on ``device`` and return one row for each."""
-    cases = [(m, d, k) for m in MECHANISMS if m.name in mechanisms for d in dtypes for k in MASKS]
+    """Compare every (mechanism, dtype, mask) on ``device`` and return one row for each;
+    the mechanisms without positions also get the cross-attention rows (``CROSS_MASKS``)."""
+    cases = [
+        (m, d, k)
+        for m in MECHANISMS
+        if m.name in mechanisms
+        for d in dtypes
+        for k in MASKS + (CROSS_MASKS if m.cross_attention else ())
+    ]
     rows = []
     for mechanism, dtype, mask_kind in tqdm(cases, desc="parity", disable=not progress):
-        x, mask, is_causal = _inputs(mechanism, mask_kind)
+        inputs = _inputs(mechanism, mask_kind)
+        cross = {"context_dim": CONTEXT_DIM} if inputs["context"] is not None else {}
         torch.manual_seed(0)
         report = compare_layers(
-            mechanism.torch_layer(),
-            mechanism.flax_layer(),
-            x,
-            mask,
-            is_causal=is_causal,
+            mechanism.torch_layer(**cross),
+            mechanism.flax_layer(**cross),
+            **inputs,
             dtype=dtype,
             device=device,
         )
@@ -77,7 +98,7 @@ def run(
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        f"{'mechanism':<12} {'dtype':<9} {'mask':<8} "
+        f"{'mechanism':<12} {'dtype':<9} {'mask':<9} "
         + " ".join(f"{c:>8}" for c in COLUMNS)
         + f" {'worst/tol':>9}  result"
     )
@@ -86,7 +107,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         errors = [row["max_abs_error"][c] for c in COLUMNS]
         cells = " ".join(f"{'-' if e is None else format(e, '.1e'):>8}" for e in errors)
         lines.append(
-            f"{row['mechanism']:<12} {row['dtype']:<9} {row['mask']:<8} {cells} "
+            f"{row['mechanism']:<12} {row['dtype']:<9} {row['mask']:<9} {cells} "
             f"{row['worst_ratio']:>9.2f}  {'PASS' if row['passed'] else 'FAIL'}"
         )
     return "\n".join(lines)

@@ -154,12 +154,17 @@ def _run_torch(
     call: Mapping,
     compile: bool = False,
     device: str = "cpu",
+    context: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Forward + backward of ``sum(out * g) + sum(weights * g')`` in ``dtype`` on ``device``."""
     tdtype, where = _TORCH_DTYPES[dtype], devices.torch_device(device)
     layer = copy.deepcopy(layer).to(device=where, dtype=tdtype).eval()
     xt = torch.tensor(x, dtype=tdtype, device=where, requires_grad=True)
     mt = None if mask is None else torch.tensor(mask, device=where)
+    ct = None
+    if context is not None:
+        ct = torch.tensor(context, dtype=tdtype, device=where, requires_grad=True)
+        call = {**call, "context": ct}
     out, weights = (torch.compile(layer) if compile else layer)(xt, mt, **call)
     acc = torch.promote_types(tdtype, torch.float32)
 
@@ -171,6 +176,8 @@ def _run_torch(
         loss = loss + (weights.to(acc) * cotangent(weights.shape, 2)).sum()
     loss.backward()
     result = {"output": out, "grad x": xt.grad}
+    if ct is not None:
+        result["grad context"] = ct.grad
     if weights is not None:
         result["weights"] = weights
     result.update(  # a parameter the loss does not reach has a zero gradient
@@ -190,14 +197,17 @@ def _run_flax(
     dtype: str,
     call: Mapping,
     jit: bool,
+    context: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     jdtype = _JAX_DTYPES[dtype]
     acc = jnp.promote_types(jdtype, jnp.float32)
     xj = jnp.asarray(x, dtype=jdtype)
     mj = None if mask is None else jnp.asarray(mask)
+    cj = None if context is None else jnp.asarray(context, dtype=jdtype)
 
-    def loss_fn(params, xj):
-        out, weights = layer.apply({"params": params}, xj, mj, **call)
+    def loss_fn(params, xj, cj):
+        extra = {} if cj is None else {"context": cj}
+        out, weights = layer.apply({"params": params}, xj, mj, **call, **extra)
         loss = (out.astype(acc) * jnp.asarray(_cotangent(out.shape, 1), acc)).sum()
         if weights is not None:
             loss = (
@@ -205,11 +215,13 @@ def _run_flax(
             )
         return loss, (out, weights)
 
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
     if jit:
         grad_fn = jax.jit(grad_fn)
-    (_, (out, weights)), (grad_params, grad_x) = grad_fn(params, xj)
+    (_, (out, weights)), (grad_params, grad_x, grad_context) = grad_fn(params, xj, cj)
     result = {"output": out, "grad x": grad_x}
+    if cj is not None:
+        result["grad context"] = grad_context
     if weights is not None:
         result["weights"] = weights
     result.update({f"grad {n}": g for n, g in flax_to_numpy_state(grad_params).items()})
@@ -228,6 +240,7 @@ def _flax_params(
     mask: np.ndarray | None,
     dtype: str,
     call: Mapping,
+    context: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The PyTorch layer's weights as the Flax layer's params, in ``dtype``.
 
@@ -239,6 +252,8 @@ def _flax_params(
     jdtype = _JAX_DTYPES[dtype]
     xj = jnp.asarray(x, dtype=jdtype)
     mj = None if mask is None else jnp.asarray(mask)
+    if context is not None:
+        call = {**call, "context": jnp.asarray(context, dtype=jdtype)}
 
     def init():
         return flax_layer.init(jax.random.key(0), xj, mj, **call)["params"]
@@ -268,6 +283,7 @@ def compare_layers(
     x: np.ndarray,
     mask: np.ndarray | None = None,
     *,
+    context: np.ndarray | None = None,
     is_causal: bool = False,
     need_weights: bool = True,
     dtype: str = "float32",
@@ -282,6 +298,8 @@ def compare_layers(
       flax_layer: the Flax twin (an unbound module with the same configuration).
       x: ``(B, L, input_dim)`` input, any float dtype (cast to ``dtype`` on both sides).
       mask: optional keep-mask (NumPy), passed to both layers.
+      context: optional ``(B, S, context_dim)`` keys-and-values input (cross-attention),
+        passed to both layers; its gradient is compared as ``"grad context"``.
       is_causal, need_weights: forwarded to both layers.
       dtype: ``"float64"``, ``"float32"`` or ``"bfloat16"``; float64 runs under
         ``jax.enable_x64(True)`` for this call only (JAX's 64-bit flag is restored after
@@ -311,15 +329,16 @@ def compare_layers(
     with x64, jax.default_device(placed["jax"]):
         x = np.asarray(x, np.float64)
         call = {"is_causal": is_causal, "need_weights": need_weights}
-        params = _flax_params(torch_layer, flax_layer, x, mask, dtype, call)
-        reference = _run_torch(torch_layer, x, mask, dtype, call, compile, torch_device)
-        theirs = _run_flax(flax_layer, params, x, mask, dtype, call, jit)
+        context = None if context is None else np.asarray(context, np.float64)
+        params = _flax_params(torch_layer, flax_layer, x, mask, dtype, call, context)
+        reference = _run_torch(torch_layer, x, mask, dtype, call, compile, torch_device, context)
+        theirs = _run_flax(flax_layer, params, x, mask, dtype, call, jit, context)
         scales = {}
         if dtype == "bfloat16":
             scales = {
                 k: float(np.abs(v).max(initial=0.0))
                 for k, v in _run_torch(
-                    torch_layer, x, mask, "float32", call, device=torch_device
+                    torch_layer, x, mask, "float32", call, device=torch_device, context=context
                 ).items()
             }
             grad_scale = max((v for k, v in scales.items() if k.startswith("grad w")), default=0.0)

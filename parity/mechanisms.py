@@ -90,6 +90,11 @@ class Mechanism:
     def softmax(self) -> bool:
         return self.pattern != "linear"
 
+    @property
+    def cross_attention(self) -> bool:
+        """Whether the mechanism attends to a ``context`` (no positions: dense, linear)."""
+        return self.pattern in ("dense", "linear")
+
     def available(self, framework: str) -> bool:
         """Whether the package of ``framework`` (``"torch"`` or ``"jax"``) defines the class."""
         return hasattr(_package(framework), self.class_name)

@@ -104,12 +104,16 @@ def run_both(
     The PyTorch layer is cast to ``dtype`` (in place) and run eagerly in eval mode; the
     Flax layer gets its weights (``torch_to_flax``) and runs under ``jax.jit`` with the
     call's options (``is_causal``, ``need_weights``) static: one compiled program costs
-    less than eager JAX's compile per operation and shape.
+    less than eager JAX's compile per operation and shape. NumPy arrays among the call's
+    options (``context``) are cast to ``dtype`` and passed as arrays.
     """
     torch_layer = torch_layer.to(getattr(torch, dtype)).eval()
     variables = {"params": torch_to_flax(torch_layer)}
-    apply = partial(jax.jit(flax_layer.apply, static_argnames=tuple(call)), variables)
-    return call_both(torch_layer, apply, np.asarray(x, dtype), mask, **call)
+    static = tuple(k for k, v in call.items() if not isinstance(v, np.ndarray))
+    apply = partial(jax.jit(flax_layer.apply, static_argnames=static), variables)
+    arrays = {k: np.asarray(v, dtype) for k, v in call.items() if k not in static}
+    options = {k: v for k, v in call.items() if k in static}
+    return call_both(torch_layer, apply, np.asarray(x, dtype), mask, **arrays, **options)
 
 
 def float64_state(torch_layer: torch.nn.Module) -> dict[str, np.ndarray]:

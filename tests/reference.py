@@ -13,11 +13,31 @@ LINEAR_EPS = 1e-6
 """docs/semantics.md: the ``eps`` of linear attention's normalizer."""
 
 
-def pattern_keep(pattern: str, size: int, length: int) -> np.ndarray:
-    """``(L, L)`` keep pattern of docs/semantics.md for a registry pattern name and its size."""
-    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+def _positions(length: int, positions: np.ndarray | int | None) -> np.ndarray:
+    """Positions of ``length`` tokens: ``0..length-1``, a start offset, or given ``(n,)``."""
+    if positions is None:
+        return np.arange(length)
+    if np.ndim(positions) == 0:
+        return int(positions) + np.arange(length)
+    return np.asarray(positions)
+
+
+def pattern_keep(
+    pattern: str,
+    size: int,
+    length: int,
+    keys: int | None = None,
+    query_positions: np.ndarray | int | None = None,
+    key_positions: np.ndarray | int | None = None,
+) -> np.ndarray:
+    """``(L, S)`` keep pattern of docs/semantics.md for a registry pattern name and its size,
+    stated on the absolute positions of the queries ``p`` and the keys ``s`` (SPEC §9):
+    ``0..L-1`` and ``0..S-1`` unless given (a start offset or the positions)."""
+    keys = length if keys is None else keys
+    i = _positions(length, query_positions)[:, None]
+    j = _positions(keys, key_positions)[None, :]
     if pattern in ("dense", "alibi", "rope", "linear"):
-        return np.ones((length, length), bool)
+        return np.ones((i.shape[0], j.shape[1]), bool)
     if pattern == "local":
         return np.abs(i - j) <= size // 2
     if pattern == "dilated":
@@ -33,15 +53,21 @@ def keep_mask(
     is_causal: bool = False,
     pattern: str = "dense",
     size: int = 0,
+    keys: int | None = None,
+    query_positions: np.ndarray | int | None = None,
+    key_positions: np.ndarray | int | None = None,
 ) -> np.ndarray:
-    """What each query may see, ``(B|1, H|1, L, L)``: pattern AND causal AND mask.
+    """What each query may see, ``(B|1, H|1, L, S)``: pattern AND causal AND mask.
 
-    ``mask`` is a user keep-mask of rank 2 ``(L, L)``, 3 ``(B, L, L)`` or 4; any non-zero
-    number keeps.
+    ``mask`` is a user keep-mask of rank 2 ``(L, S)``, 3 ``(B, L, S)`` or 4; any non-zero
+    number keeps. Causal is ``s_j <= p_i`` on the positions (see ``pattern_keep``).
     """
-    keep = pattern_keep(pattern, size, length)[None, None]
+    keys = length if keys is None else keys
+    p = _positions(length, query_positions)[:, None]
+    s = _positions(keys, key_positions)[None, :]
+    keep = pattern_keep(pattern, size, length, keys, query_positions, key_positions)[None, None]
     if is_causal:
-        keep = keep & np.tril(np.ones((length, length), bool))
+        keep = keep & (s <= p)
     if mask is not None:
         mask = np.asarray(mask) != 0
         keep = keep & {2: mask[None, None], 3: mask[:, None], 4: mask}[mask.ndim]
@@ -62,9 +88,18 @@ def alibi_slopes(heads: int) -> np.ndarray:
     return np.array(slopes)
 
 
-def alibi_bias(heads: int, length: int) -> np.ndarray:
-    """``(1, H, L, L)`` ALiBi bias ``-m_h * abs(i - j)`` with the slopes above."""
-    distance = np.abs(np.arange(length)[:, None] - np.arange(length)[None, :])
+def alibi_bias(
+    heads: int,
+    length: int,
+    keys: int | None = None,
+    query_positions: np.ndarray | int | None = None,
+    key_positions: np.ndarray | int | None = None,
+) -> np.ndarray:
+    """``(1, H, L, S)`` ALiBi bias ``-m_h * abs(p_i - s_j)`` with the slopes above."""
+    keys = length if keys is None else keys
+    p = _positions(length, query_positions)[:, None]
+    s = _positions(keys, key_positions)[None, :]
+    distance = np.abs(p - s)
     return -alibi_slopes(heads)[None, :, None, None] * distance
 
 
@@ -140,14 +175,17 @@ def self_attention(
     rope: str | None = None,
     rope_base: float = 10000.0,
     feature_map: str | None = None,
+    context: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The whole layer from a PyTorch-layout state_dict (NumPy arrays), in float64.
 
     Softmax attention with scores ``q·k / (sqrt(d_head) * temperature) + bias``; with a
     ``feature_map`` (``"elu"`` or ``"relu"``) linear attention instead (no scaling, no
-    bias). ``rope``: ``None``, ``"interleaved"`` or ``"half"``.
+    bias). ``rope``: ``None``, ``"interleaved"`` or ``"half"``. With ``context``
+    ``(B, S, C)`` the keys and values are projected from it (cross-attention).
     """
     x = np.asarray(x, np.float64)
+    source = x if context is None else np.asarray(context, np.float64)
 
     def linear(name: str, inp: np.ndarray) -> np.ndarray:
         out = inp @ np.asarray(state[f"{name}.weight"], np.float64).T
@@ -159,8 +197,8 @@ def self_attention(
         return t.reshape(b, length, n, width // n).transpose(0, 2, 1, 3)
 
     q = heads(linear("w_q", x), num_heads)
-    k = heads(linear("w_k", x), num_kv_heads)
-    v = heads(linear("w_v", x), num_kv_heads)
+    k = heads(linear("w_k", source), num_kv_heads)
+    v = heads(linear("w_v", source), num_kv_heads)
     if rope is not None:
         q, k = rotate(q, rope_base, rope), rotate(k, rope_base, rope)
     if feature_map is not None:
@@ -173,13 +211,17 @@ def self_attention(
     return linear("w_o", merged), weights
 
 
-def rotate(x: np.ndarray, base: float, layout: str) -> np.ndarray:
-    """RoPE by explicit 2x2 rotations of the pairs the layout names."""
+def rotate(
+    x: np.ndarray, base: float, layout: str, positions: np.ndarray | int | None = None
+) -> np.ndarray:
+    """RoPE by explicit 2x2 rotations of the pairs the layout names, each row ``(..., L, D)``
+    by the angle of its position (``0..L-1``, a start offset, or given)."""
     length, d_head = x.shape[-2], x.shape[-1]
+    pos = _positions(length, positions)
     out = np.array(x, np.float64)
     for i in range(d_head // 2):
         a, b = (2 * i, 2 * i + 1) if layout == "interleaved" else (i, i + d_head // 2)
-        theta = np.arange(length) * base ** (-2.0 * i / d_head)
+        theta = pos * base ** (-2.0 * i / d_head)
         cos, sin = np.cos(theta), np.sin(theta)
         out[..., a] = x[..., a] * cos - x[..., b] * sin
         out[..., b] = x[..., a] * sin + x[..., b] * cos

@@ -493,3 +493,83 @@ def test_invalid_step_calls_raise_the_same_error(rng):
         torch_layer.init_state(0)
     with pytest.raises(ValueError, match="batch must be a positive integer, got 0"):
         flax_layer.apply(variables, 0, method="init_state")
+
+
+# ---------------------------------------------------------------- positions and keys S != L
+
+
+@pytest.mark.parametrize(
+    "query_positions, key_positions",
+    [(None, None), (12, 0), (5, 3), ("array", None), ("batched", 2)],
+)
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_core_with_positions_and_longer_keys(
+    rng, query_positions, key_positions, is_causal, need_weights
+):
+    """Queries at an offset against a longer key sequence (docs/semantics.md, "Positions"):
+    causal is ``s_j <= p_i``, and both packages equal the float64 reference."""
+    from tests import reference
+
+    length, keys = 7, 19
+    if query_positions == "array":
+        query_positions = np.array([0, 2, 4, 6, 8, 10, 30])
+    elif query_positions == "batched":
+        query_positions = np.stack([np.arange(length) + 4, np.arange(length) + 11])
+    q = rng.standard_normal((B, H, length, D))
+    k, v = rng.standard_normal((2, B, H, keys, D))
+    mask = rng.random((B, 1, length, keys)) > 0.3
+    if np.ndim(query_positions) == 2:  # per sequence: the reference row by row
+        keep = np.concatenate(
+            [
+                reference.keep_mask(
+                    length,
+                    mask[b : b + 1],
+                    is_causal,
+                    keys=keys,
+                    query_positions=query_positions[b],
+                    key_positions=key_positions,
+                )
+                for b in range(B)
+            ]
+        )
+    else:
+        keep = reference.keep_mask(
+            length,
+            mask,
+            is_causal,
+            keys=keys,
+            query_positions=query_positions,
+            key_positions=key_positions,
+        )
+    expected, expected_w = reference.linear_attention(q, k, v, keep)
+    as_torch, as_jax = (
+        lambda p: torch.tensor(p) if isinstance(p, np.ndarray) else p,
+        lambda p: jnp.asarray(p) if isinstance(p, np.ndarray) else p,
+    )
+    runs = {
+        "torch": tlinear.linear_attention(
+            *(torch.tensor(a) for a in (q, k, v)),
+            torch.tensor(mask),
+            is_causal=is_causal,
+            need_weights=need_weights,
+            query_positions=as_torch(query_positions),
+            key_positions=as_torch(key_positions),
+        ),
+        "jax": jlinear.linear_attention(
+            *(jnp.asarray(a) for a in (q, k, v)),
+            jnp.asarray(mask),
+            is_causal=is_causal,
+            need_weights=need_weights,
+            query_positions=as_jax(query_positions),
+            key_positions=as_jax(key_positions),
+        ),
+    }
+    for framework, (out, weights) in runs.items():
+        np.testing.assert_allclose(np.asarray(out), expected, atol=1e-12, rtol=0, err_msg=framework)
+        if need_weights:
+            np.testing.assert_allclose(
+                np.asarray(weights), expected_w, atol=1e-12, rtol=0, err_msg=framework
+            )
+        else:
+            assert weights is None
