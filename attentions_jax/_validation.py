@@ -210,3 +210,79 @@ def validate_mask(
             f"mask of shape {shape} does not fit {names} = {target}; expected "
             f"{square} or a rank-4 shape broadcastable to {names}"
         )
+
+
+DENSE_FAMILY = (
+    "VanillaSelfAttention, MultiHeadSelfAttention, GroupedSelfAttention, ALiBiSelfAttention, "
+    "RotarySelfAttention"
+)
+"""The mechanisms that decode with a cache so far (docs/semantics.md, issue 13)."""
+
+
+def validate_decodable(mechanism: str) -> None:
+    """Decoding with a cache is served by the dense family only, so far; ``mechanism`` names
+    a layer whose attention is not the dense core (its own ``attend``), empty otherwise.
+    Raising is what keeps such a layer from computing dense attention by inheritance."""
+    if mechanism:
+        raise ValueError(
+            f"decoding with a cache is not available for {mechanism} yet: in this version "
+            f"only the dense mechanisms ({DENSE_FAMILY}, with or without rope=True) decode "
+            f"with a cache"
+        )
+
+
+def validate_cache_size(batch: int, max_length: int) -> None:
+    """``init_cache``'s sizes: positive ints."""
+    validate_positive("batch", batch)
+    validate_positive("max_length", max_length)
+
+
+def validate_cache(
+    keys: Sequence[int], values: Sequence[int], lengths: Sequence[int], kv_heads: int, d_head: int
+) -> None:
+    """A cache of this layer: keys and values ``(B, K, S_max, D)``, lengths ``(B,)``."""
+    keys, values, lengths = _shape(keys), _shape(values), _shape(lengths)
+    fits = len(keys) == 4 and _same(keys[1], kv_heads) and _same(keys[3], d_head)
+    if not fits or values != keys or len(lengths) != 1 or not _same(lengths[0], keys[0]):
+        raise ValueError(
+            f"expected a cache of this layer: keys and values of shape (B, K, S_max, D) = "
+            f"(B, {kv_heads}, S_max, {d_head}) and lengths of shape (B,), got keys {keys}, "
+            f"values {values}, lengths {lengths}; make it with init_cache(batch, max_length)"
+        )
+
+
+def validate_decode_input(shape: Sequence[int], input_dim: int, batch: int) -> None:
+    """``decode``'s x: ``(B, T, input_dim)`` with the cache's B and T >= 1 new tokens."""
+    shape = _shape(shape)
+    if len(shape) != 3 or not _same(shape[-1], input_dim):
+        raise ValueError(f"expected x of shape (B, T, {input_dim}), got {shape}")
+    if not _same(shape[0], batch):
+        raise ValueError(
+            f"x holds {shape[0]} sequences but the cache holds B = {batch}; got x of shape {shape}"
+        )
+    if _is(shape[1], 0):
+        raise ValueError(f"expected T >= 1 new tokens, got x of shape {shape}")
+
+
+def validate_decode_mask(shape: Sequence[int] | None, batch: int, tokens: int) -> None:
+    """``decode``'s mask marks the real tokens of x: ``(B, T)``, or ``None`` (all real)."""
+    if shape is None:
+        return
+    shape = _shape(shape)
+    if len(shape) != 2 or not (_same(shape[0], batch) and _same(shape[1], tokens)):
+        raise ValueError(
+            f"expected a mask of shape (B, T) = ({batch}, {tokens}) marking the real tokens "
+            f"of x, got {shape}"
+        )
+
+
+def validate_cache_room(lengths: Sequence[int], max_length: int) -> None:
+    """No sequence may hold more than ``max_length`` tokens after a decoding call;
+    ``lengths`` are the lengths it would leave (Python ints)."""
+    for index, length in enumerate(lengths):
+        if length > max_length:
+            raise ValueError(
+                f"decoding would write past the end of the cache: sequence {index} would hold "
+                f"{length} tokens, max_length = {max_length}; make the cache with "
+                f"init_cache(batch, max_length) for at least {max(lengths)} tokens"
+            )

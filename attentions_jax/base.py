@@ -15,9 +15,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from . import cache as kv_cache
 from ._validation import (
     validate_context,
+    validate_decodable,
     validate_heads,
     validate_input,
     validate_options,
@@ -139,6 +142,14 @@ class SelfAttention(nn.Module):
             name=name,
         )
 
+    def _project(self, name: str, x: jax.Array) -> jax.Array:
+        """The ``nn.Dense`` named ``name`` applied to ``x``, read from the bound params:
+        methods other than ``__call__`` (``decode``, linear's ``step``) must not create
+        submodules."""
+        params = self.variables["params"][name]
+        y = jnp.dot(x, params["kernel"])
+        return y + params["bias"] if self.bias else y
+
     def positional_name(self) -> str:
         """What makes this layer positional (for the cross-attention error), or ``""``."""
         name = type(self).__name__
@@ -204,3 +215,42 @@ class SelfAttention(nn.Module):
             deterministic=deterministic,
         )
         return self._dense(self.d_model, "w_o")(merge_heads(out)), weights
+
+    def decoding_blocker(self) -> str:
+        """The class name when its attention is not the dense core (an ``attend`` of its
+        own: local, dilated, block, linear), which the cache does not serve yet; ``""``."""
+        return "" if type(self).attend is SelfAttention.attend else type(self).__name__
+
+    def init_cache(
+        self, batch: int, max_length: int, *, dtype: jnp.dtype | None = None
+    ) -> kv_cache.KVCache:
+        """An empty ``KVCache`` for ``batch`` sequences of up to ``max_length`` tokens:
+        keys and values ``(B, K, S_max, D)`` (``dtype``: the parameters' unless given),
+        lengths ``(B,)`` int32. Dense family only (``ValueError`` otherwise).
+
+        Call through ``apply(variables, batch, max_length, method="init_cache")``.
+        """
+        validate_decodable(self.decoding_blocker())
+        return kv_cache.init_cache(self, batch, max_length, dtype=dtype)
+
+    def decode(
+        self, cache: kv_cache.KVCache, x: jax.Array, mask: jax.Array | None = None
+    ) -> tuple[kv_cache.KVCache, jax.Array]:
+        """Causal attention of T new tokens ``x`` ``(B, T, input_dim)`` to the cache and to
+        each other; ``mask`` ``(B, T)`` marks the real tokens (``None``: all).
+
+        Call through ``apply(variables, cache, x, mask, method="decode")``; jit-able, and a
+        ``lax.scan`` body. Returns ``(cache, out)``: the new cache, out ``(B, T, E)``, zero
+        for padded tokens. A prompt and then one token per call give the outputs of
+        ``layer(x, is_causal=True)`` at the same positions. Writing past ``max_length``
+        raises ``ValueError`` when the lengths are concrete; under ``jax.jit`` an
+        overflowing token's output is NaN instead (``attentions_jax.cache``). No dropout.
+
+        Example::
+
+            cache = attn.apply(variables, 2, 64, method="init_cache")
+            cache, out = attn.apply(variables, cache, prompt, mask, method="decode")
+            cache, out = attn.apply(variables, cache, next_token, method="decode")
+        """
+        validate_decodable(self.decoding_blocker())
+        return kv_cache.decode(self, cache, x, mask)

@@ -335,12 +335,6 @@ class LinearSelfAttention(SelfAttention):
             key_positions=key_positions,
         )
 
-    def _project(self, name: str, x: jax.Array) -> jax.Array:
-        """The ``nn.Dense`` named ``name`` applied to ``x``, read from the bound params."""
-        params = self.variables["params"][name]
-        y = jnp.dot(x, params["kernel"])
-        return y + params["bias"] if self.bias else y
-
     def init_state(self, batch: int) -> LinearAttentionState:
         """The empty recurrent state for ``batch`` sequences (float32 or wider).
 

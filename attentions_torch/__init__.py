@@ -3,6 +3,7 @@
 from .alibi import ALiBiSelfAttention, AlibiSelfAttention, alibi_slopes
 from .base import SelfAttention
 from .block import BlockSelfAttention
+from .cache import KVCache
 from .dilated import DilatedSelfAttention
 from .functional import dot_product_attention, dot_product_attention_weights
 from .grouped import GroupedSelfAttention
@@ -27,6 +28,7 @@ __all__ = [
     "BlockSelfAttention",
     "DilatedSelfAttention",
     "GroupedSelfAttention",
+    "KVCache",
     "LinearAttentionState",
     "LinearSelfAttention",
     "LocalSelfAttention",

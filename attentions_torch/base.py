@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import cache as kv_cache
 from ._validation import (
     validate_context,
+    validate_decodable,
     validate_heads,
     validate_input,
     validate_options,
@@ -192,6 +194,46 @@ class SelfAttention(nn.Module):
             k = apply_rope(k, base=self.rope_base, interleaved=self.rope_interleaved)
         out, weights = self.attend(q, k, v, keep, is_causal=is_causal, need_weights=need_weights)
         return self.w_o(merge_heads(out)), weights
+
+    def decoding_blocker(self) -> str:
+        """The class name when its attention is not the dense core (an ``attend`` of its
+        own: local, dilated, block, linear), which the cache does not serve yet; ``""``."""
+        return "" if type(self).attend is SelfAttention.attend else type(self).__name__
+
+    def init_cache(
+        self,
+        batch: int,
+        max_length: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> kv_cache.KVCache:
+        """An empty ``KVCache`` for ``batch`` sequences of up to ``max_length`` tokens:
+        keys and values ``(B, K, S_max, D)`` (``dtype``, ``device``: the parameters' unless
+        given), lengths ``(B,)`` int32. Dense family only (``ValueError`` otherwise)."""
+        validate_decodable(self.decoding_blocker())
+        return kv_cache.init_cache(self, batch, max_length, dtype=dtype, device=device)
+
+    def decode(
+        self, cache: kv_cache.KVCache, x: Tensor, mask: Tensor | None = None
+    ) -> tuple[kv_cache.KVCache, Tensor]:
+        """Causal attention of T new tokens ``x`` ``(B, T, input_dim)`` to the cache and to
+        each other; ``mask`` ``(B, T)`` marks the real tokens (``None``: all).
+
+        Returns ``(cache, out)``: the cache updated in place (the same object), out
+        ``(B, T, E)``, zero for padded tokens. A prompt and then one token per call give the
+        outputs of ``layer(x, is_causal=True)`` at the same positions. Writing past
+        ``max_length`` raises ``ValueError``; under ``torch.compile`` an overflowing token's
+        output is NaN instead (``attentions_torch.cache``). No dropout.
+
+        Example::
+
+            cache = attn.init_cache(batch=2, max_length=64)
+            cache, out = attn.decode(cache, prompt, mask)      # (2, T, E)
+            cache, out = attn.decode(cache, next_token)        # (2, 1, E)
+        """
+        validate_decodable(self.decoding_blocker())
+        return kv_cache.decode(self, cache, x, mask)
 
     def extra_repr(self) -> str:
         return (
