@@ -109,16 +109,6 @@ def validate_unscaled(temperature: float) -> None:
         )
 
 
-def validate_step_input(shape: Sequence[int], input_dim: int, batch: int) -> None:
-    """A recurrent step's ``x_t`` must be ``(B, input_dim)`` with the state's B."""
-    shape = _shape(shape)
-    if shape != (batch, input_dim):
-        raise ValueError(
-            f"expected x_t of shape (B, input_dim) = ({batch}, {input_dim}) to match the "
-            f"state, got {shape}"
-        )
-
-
 def validate_input(shape: Sequence[int], input_dim: int) -> None:
     """``x`` must be ``(B, L, input_dim)``."""
     shape = _shape(shape)
@@ -212,42 +202,66 @@ def validate_mask(
         )
 
 
-DENSE_FAMILY = (
-    "VanillaSelfAttention, MultiHeadSelfAttention, GroupedSelfAttention, ALiBiSelfAttention, "
-    "RotarySelfAttention"
-)
-"""The mechanisms that decode with a cache so far (docs/semantics.md, issue 13)."""
+NO_LIMIT = 2**31 - 1
+"""The ``max_length`` a fixed-size cache (local, block, linear) stores for ``None``: the
+largest int32, which ``lengths`` cannot pass."""
 
 
-def validate_decodable(mechanism: str) -> None:
-    """Decoding with a cache is served by the dense family only, so far; ``mechanism`` names
-    a layer whose attention is not the dense core (its own ``attend``), empty otherwise.
-    Raising is what keeps such a layer from computing dense attention by inheritance."""
-    if mechanism:
-        raise ValueError(
-            f"decoding with a cache is not available for {mechanism} yet: in this version "
-            f"only the dense mechanisms ({DENSE_FAMILY}, with or without rope=True) decode "
-            f"with a cache"
-        )
-
-
-def validate_cache_size(batch: int, max_length: int) -> None:
-    """``init_cache``'s sizes: positive ints."""
+def validate_cache_size(batch: int, max_length: int | None, *, fixed_size: bool = False) -> None:
+    """``init_cache``'s sizes: positive ints; ``max_length=None`` (no limit) only for a
+    cache whose size does not grow with the stream (``fixed_size``)."""
     validate_positive("batch", batch)
+    if max_length is None and fixed_size:
+        return
+    if max_length is None:
+        raise ValueError(
+            "max_length must be a positive integer, got None: only the caches of fixed size "
+            "(LocalSelfAttention, BlockSelfAttention, LinearSelfAttention) take None"
+        )
     validate_positive("max_length", max_length)
+    if max_length > NO_LIMIT:
+        raise ValueError(f"max_length must be at most 2**31 - 1 (int32), got {max_length}")
+
+
+def _template(shape: Sequence[int | str]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def validate_cache(
-    keys: Sequence[int], values: Sequence[int], lengths: Sequence[int], kv_heads: int, d_head: int
+    kind: str,
+    fields: dict[str, Sequence[int]] | None,
+    expected_kind: str,
+    expected: dict[str, tuple[int | str, ...]],
 ) -> None:
-    """A cache of this layer: keys and values ``(B, K, S_max, D)``, lengths ``(B,)``."""
-    keys, values, lengths = _shape(keys), _shape(values), _shape(lengths)
-    fits = len(keys) == 4 and _same(keys[1], kv_heads) and _same(keys[3], d_head)
-    if not fits or values != keys or len(lengths) != 1 or not _same(lengths[0], keys[0]):
+    """A cache of this layer: a ``expected_kind`` NamedTuple whose fields have the shapes of
+    ``expected``, where the names ``"B"`` and ``"S_max"`` stand for one size each (the
+    same in every field). ``fields`` maps the given cache's fields to their shapes
+    (``None``: not a cache at all)."""
+    shapes = {name: _shape(shape) for name, shape in (fields or {}).items()}
+    sizes: dict[str, object] = {}
+
+    def fits(shape: tuple, template: tuple) -> bool:
+        if len(shape) != len(template):
+            return False
+        for d, want in zip(shape, template, strict=True):
+            if isinstance(want, int):
+                if not _same(d, want):
+                    return False
+            elif not _same(sizes.setdefault(want, d), d):
+                return False
+        return True
+
+    if (
+        kind != expected_kind
+        or list(shapes) != list(expected)
+        or not all(fits(shapes[name], template) for name, template in expected.items())
+    ):
+        want = ", ".join(f"{name} {_template(t)}" for name, t in expected.items())
+        got = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
         raise ValueError(
-            f"expected a cache of this layer: keys and values of shape (B, K, S_max, D) = "
-            f"(B, {kv_heads}, S_max, {d_head}) and lengths of shape (B,), got keys {keys}, "
-            f"values {values}, lengths {lengths}; make it with init_cache(batch, max_length)"
+            f"expected a {expected_kind} of this layer ({want}), got a {kind}"
+            + (f" ({got})" if got else "")
+            + "; make it with init_cache(batch, max_length)"
         )
 
 

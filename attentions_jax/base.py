@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from . import cache as kv_cache
 from ._validation import (
     validate_context,
-    validate_decodable,
     validate_heads,
     validate_input,
     validate_options,
@@ -216,26 +215,27 @@ class SelfAttention(nn.Module):
         )
         return self._dense(self.d_model, "w_o")(merge_heads(out)), weights
 
-    def decoding_blocker(self) -> str:
-        """The class name when its attention is not the dense core (an ``attend`` of its
-        own: local, dilated, block, linear), which the cache does not serve yet; ``""``."""
-        return "" if type(self).attend is SelfAttention.attend else type(self).__name__
+    def cache_rule(self) -> kv_cache.CacheRule:
+        """How this mechanism keeps and reads keys when decoding: dense, slot = position
+        (``attentions_jax.cache``); local, dilated and block attention say otherwise."""
+        return kv_cache.CacheRule()
 
     def init_cache(
-        self, batch: int, max_length: int, *, dtype: jnp.dtype | None = None
-    ) -> kv_cache.KVCache:
-        """An empty ``KVCache`` for ``batch`` sequences of up to ``max_length`` tokens:
-        keys and values ``(B, K, S_max, D)`` (``dtype``: the parameters' unless given),
-        lengths ``(B,)`` int32. Dense family only (``ValueError`` otherwise).
+        self, batch: int, max_length: int | None, *, dtype: jnp.dtype | None = None
+    ) -> kv_cache.Cache:
+        """An empty cache for ``batch`` sequences of up to ``max_length`` tokens (``dtype``:
+        the parameters' unless given): a ``KVCache``, keys and values ``(B, K, S_max, D)``
+        and lengths ``(B,)`` int32, or for local and block attention a ``WindowCache`` of
+        their last keys, for linear attention a ``LinearCache`` (``max_length=None``: no
+        limit for these three).
 
         Call through ``apply(variables, batch, max_length, method="init_cache")``.
         """
-        validate_decodable(self.decoding_blocker())
         return kv_cache.init_cache(self, batch, max_length, dtype=dtype)
 
     def decode(
-        self, cache: kv_cache.KVCache, x: jax.Array, mask: jax.Array | None = None
-    ) -> tuple[kv_cache.KVCache, jax.Array]:
+        self, cache: kv_cache.Cache, x: jax.Array, mask: jax.Array | None = None
+    ) -> tuple[kv_cache.Cache, jax.Array]:
         """Causal attention of T new tokens ``x`` ``(B, T, input_dim)`` to the cache and to
         each other; ``mask`` ``(B, T)`` marks the real tokens (``None``: all).
 
@@ -252,5 +252,4 @@ class SelfAttention(nn.Module):
             cache, out = attn.apply(variables, cache, prompt, mask, method="decode")
             cache, out = attn.apply(variables, cache, next_token, method="decode")
         """
-        validate_decodable(self.decoding_blocker())
         return kv_cache.decode(self, cache, x, mask)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 
 from ._validation import validate_positive
+from .cache import CacheRule
 from .masks import block_keep
 from .sparse import TiledSelfAttention, WindowTiling, is_symbolic, window_tiling
 
@@ -93,6 +95,12 @@ class BlockSelfAttention(TiledSelfAttention):
 
     def head_counts(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads
+
+    def cache_rule(self) -> CacheRule:
+        """Decoding: a ring of ``block_size`` slots: the current block."""
+        return CacheRule(
+            ring=self.block_size, pattern=partial(block_keep, block_size=self.block_size)
+        )
 
     def tiling(
         self,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 from ._validation import validate_positive
 from .block import block_tiling
+from .cache import CacheRule
 from .masks import dilation_keep
 from .sparse import (
     TiledSelfAttention,
@@ -140,6 +142,13 @@ class DilatedSelfAttention(TiledSelfAttention):
 
     def head_counts(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads
+
+    def cache_rule(self) -> CacheRule:
+        """Decoding: slot = position; a one-token step reads its residue class."""
+        return CacheRule(
+            stride=self.dilation_rate,
+            pattern=partial(dilation_keep, dilation_rate=self.dilation_rate),
+        )
 
     def tiling(
         self,

@@ -33,24 +33,22 @@ together: ``phi(q)·phi(K)ᵀ[V, 1] = [sum_j s_j v_j, sum_j s_j]``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from ._validation import (
+    validate_cache,
+    validate_cache_size,
     validate_feature_map,
-    validate_positive,
-    validate_step_input,
     validate_unscaled,
 )
 from .base import SelfAttention
-from .functional import _causal, _position_rows, merge_heads
+from .cache import LinearCache, field_shapes, finish, limit_array, new_tokens, param_dtype
+from .functional import _causal, _position_rows
 from .masks import causal_mask
-from .rope import rope_angles, rotate
 
-__all__ = ["CHUNK_SIZE", "EPS", "LinearAttentionState", "LinearSelfAttention", "linear_attention"]
+__all__ = ["CHUNK_SIZE", "EPS", "LinearSelfAttention", "linear_attention"]
 
 EPS = 1e-6
 """Added to every denominator; a query that sees no key gets ``0 / EPS = 0``."""
@@ -58,19 +56,6 @@ EPS = 1e-6
 CHUNK_SIZE = 64
 """Smallest chunk of the causal fast path; the chunk is ``max(CHUNK_SIZE, D)`` (capped
 at L), as in ``attentions_torch.linear``."""
-
-
-class LinearAttentionState(NamedTuple):
-    """Recurrent state of causal linear attention after ``position`` tokens (a pytree).
-
-    kv: ``(B, H, F, D)`` sum of ``phi(k_j) v_jᵀ``; k_sum: ``(B, H, F)`` sum of
-    ``phi(k_j)``; position: 0-d integer, the number of tokens seen (the RoPE position of
-    the next one).
-    """
-
-    kv: jax.Array
-    k_sum: jax.Array
-    position: jax.Array
 
 
 def _accumulation_dtype(dtype) -> jnp.dtype:
@@ -145,23 +130,33 @@ def _chunk_step(
 
 
 def _causal_attention(fq: jax.Array, fk: jax.Array, v: jax.Array, chunk_size: int) -> jax.Array:
-    """Causal O(L·(C + D)·D) by chunks with ``lax.scan``, out ``(B, H, L, D)``.
+    """Causal O(L·(C + D)·D) by chunks, out ``(B, H, L, D)``: ``_causal_sums`` normalized."""
+    batch, heads, _, d_head = v.shape
+    start = jnp.zeros((batch, heads, d_head, d_head + 1), v.dtype)
+    return _normalize(_causal_sums(fq, fk, _append_ones(v), chunk_size, start)[1])
+
+
+def _causal_sums(
+    fq: jax.Array, fk: jax.Array, v1: jax.Array, chunk_size: int, start: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Causal attention on ``v1 = [V, 1]`` after the state ``start`` ``(B, H, F, D + 1)``
+    of earlier keys, by chunks with ``lax.scan``: ``(state after the last key,
+    [numerator, denominator] (B, H, L, D + 1))``.
 
     Inside a chunk the masked kernel is explicit ``(C, C)``; the chunks before it enter
     through the carried state ``phi(K)ᵀ [V, 1]`` of all earlier chunks. Padded keys have
     ``phi = 0`` and padded queries are cut off, so the padding changes nothing. A symbolic
     L (``jax.export``) is padded to a multiple of C, the chunk count a ceiling division.
     """
-    batch, heads, length, d_head = v.shape
+    length, d_head = v1.shape[2], v1.shape[3] - 1
     chunk = max(chunk_size, d_head)
     if isinstance(length, int):
         chunk = min(chunk, length)  # a short sequence is one chunk; a symbolic L is padded
-    xs = (_chunked(fq, chunk), _chunked(fk, chunk), _chunked(_append_ones(v), chunk))
-    start = jnp.zeros((batch, heads, d_head, d_head + 1), v.dtype)
-    _, out = lax.scan(_chunk_step, start, xs)
+    xs = (_chunked(fq, chunk), _chunked(fk, chunk), _chunked(v1, chunk))
+    state, out = lax.scan(_chunk_step, start, xs)
     # (N, B, H, C, D + 1) -> (B, H, N * C, D + 1)
     out = lax.collapse(out.transpose(1, 2, 0, 3, 4), 2, 4)
-    return _normalize(out[:, :, :length])
+    return state, out[:, :, :length]
 
 
 def _kernel_weights(
@@ -256,18 +251,6 @@ def linear_attention(
     return out.astype(q.dtype), weights.astype(q.dtype) if need_weights else None
 
 
-def _rope_at(x: jax.Array, position: jax.Array, *, base: float, interleaved: bool) -> jax.Array:
-    """RoPE of one position for ``x`` ``(B, H, D)``, as ``rope.apply_rope`` rotates row t.
-
-    The angle is computed in float64 under JAX's 64-bit mode and in float32 otherwise
-    (the full pass takes its tables from NumPy float64), so at large positions a float32
-    step can differ from the full pass by up to about ``position · 6e-8`` radians.
-    """
-    wide = jax.dtypes.canonicalize_dtype(jnp.float64)
-    angles = position.astype(wide) * jnp.asarray(rope_angles(2, x.shape[-1], base)[1], wide)
-    return rotate(x, jnp.cos(angles), jnp.sin(angles), interleaved=interleaved)
-
-
 class LinearSelfAttention(SelfAttention):
     """Linear attention (Katharopoulos et al. 2020): ``phi(q)·phi(k)`` kernel, no softmax.
 
@@ -280,16 +263,16 @@ class LinearSelfAttention(SelfAttention):
     Complexity (fast path, ``need_weights=False``): O(L·D²·H) time without a mask or with
     a key-padding mask; O(L·(C + D)·D·H) when causal (``lax.scan`` over chunks,
     C = max(64, D)); O(L²·D·H) with a general ``(L, L)`` mask. ``need_weights=True``:
-    O(L²·D·H) time, O(H·L²) memory. Recurrent decoding: ``init_state`` / ``step``
-    through ``apply(..., method=...)``, O(D²·H) per token.
+    O(L²·D·H) time, O(H·L²) memory. Decoding (``init_cache`` / ``decode`` through
+    ``apply(..., method=...)``): the recurrent state, O(D²·H) per token.
 
     Example::
 
         attn = LinearSelfAttention(d_model=512, num_heads=8)
         variables = attn.init(jax.random.key(0), x)
         out, _ = attn.apply(variables, x, is_causal=True, need_weights=False)
-        state = attn.apply(variables, 1, method="init_state")
-        state, y_t = attn.apply(variables, state, x[:, 0], method="step")   # (1, 512)
+        cache = attn.apply(variables, 1, method="init_cache")
+        cache, y = attn.apply(variables, cache, x[:, :1], method="decode")   # (1, 1, 512)
     """
 
     chunk_size = CHUNK_SIZE
@@ -335,48 +318,52 @@ class LinearSelfAttention(SelfAttention):
             key_positions=key_positions,
         )
 
-    def init_state(self, batch: int) -> LinearAttentionState:
-        """The empty recurrent state for ``batch`` sequences (float32 or wider).
+    def init_cache(
+        self, batch: int, max_length: int | None = None, *, dtype: jnp.dtype | None = None
+    ) -> LinearCache:
+        """The empty recurrent state for ``batch`` sequences (``max_length``: the most
+        tokens a sequence may hold, ``None``: no limit): ``LinearCache`` with kv
+        ``(B, H, D, D)`` and k_sum ``(B, H, D)`` in ``dtype`` (default: float32 or wider
+        than the parameters), lengths ``(B,)`` and max_length ``()`` int32.
 
-        Call through ``apply(variables, batch, method="init_state")``: the state's dtype
-        follows the parameters'.
+        Call through ``apply(variables, batch, max_length, method="init_cache")``.
         """
-        validate_positive("batch", batch)
-        acc = _accumulation_dtype(self.variables["params"]["w_q"]["kernel"].dtype)
+        validate_cache_size(batch, max_length, fixed_size=True)
+        dtype = _accumulation_dtype(param_dtype(self)) if dtype is None else dtype
         shape = (batch, self.num_heads, self.d_head)
-        return LinearAttentionState(
-            kv=jnp.zeros((*shape, self.d_head), acc),
-            k_sum=jnp.zeros(shape, acc),
-            position=jnp.zeros((), int),
+        return LinearCache(
+            kv=jnp.zeros((*shape, self.d_head), dtype),
+            k_sum=jnp.zeros(shape, dtype),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            max_length=limit_array(max_length),
         )
 
-    def step(
-        self, state: LinearAttentionState, x_t: jax.Array
-    ) -> tuple[LinearAttentionState, jax.Array]:
-        """One causal decoding step: the output for the token ``x_t`` ``(B, input_dim)``.
-
-        Call through ``apply(variables, state, x_t, method="step")`` (jit-able). Fed the
-        tokens of a sequence one by one from ``init_state``, the outputs equal the full
-        ``is_causal=True`` pass (no mask, no dropout). Returns ``(state, y_t)``,
-        y_t ``(B, E)``.
-        """
-        input_dim = self.d_model if self.input_dim is None else self.input_dim
-        validate_step_input(x_t.shape, input_dim, state.kv.shape[0])
-        batch = x_t.shape[0]
-        q = self._project("w_q", x_t).reshape(batch, self.num_heads, self.d_head)
-        k = self._project("w_k", x_t).reshape(batch, self.num_heads, self.d_head)
-        v = self._project("w_v", x_t).reshape(batch, self.num_heads, self.d_head)
-        if self.rope:
-            q = _rope_at(q, state.position, base=self.rope_base, interleaved=self.rope_interleaved)
-            k = _rope_at(k, state.position, base=self.rope_base, interleaved=self.rope_interleaved)
-        acc = state.kv.dtype
-        fq = _phi(q.astype(acc), self.feature_map)
-        fk = _phi(k.astype(acc), self.feature_map)
-        # (B, H, F, 1) * (B, H, 1, D): this token's outer product joins the sum
-        kv = state.kv + fk[..., :, None] * v.astype(acc)[..., None, :]
-        k_sum = state.k_sum + fk
-        num = jnp.einsum("bhf,bhfd->bhd", fq, kv)
-        den = (fq * k_sum).sum(-1, keepdims=True) + EPS
-        out = (num / den).astype(x_t.dtype)[:, :, None]
-        y_t = self._project("w_o", merge_heads(out))[:, 0]
-        return LinearAttentionState(kv, k_sum, state.position + 1), y_t
+    def decode(
+        self, cache: LinearCache, x: jax.Array, mask: jax.Array | None = None
+    ) -> tuple[LinearCache, jax.Array]:
+        """Causal linear attention of T new tokens ``x`` ``(B, T, input_dim)`` after the
+        state, O((T·C + T·D)·D·H) (one token: O(D²·H)); ``mask`` ``(B, T)`` marks the real
+        tokens. Call through ``apply(variables, cache, x, mask, method="decode")``; see
+        ``SelfAttention.decode``."""
+        heads = ("B", self.num_heads, self.d_head)
+        expected = {
+            "kv": (*heads, self.d_head),
+            "k_sum": heads,
+            "lengths": ("B",),
+            "max_length": (),
+        }
+        validate_cache(type(cache).__name__, field_shapes(cache), "LinearCache", expected)
+        new = new_tokens(self, x, mask, cache.lengths, cache.max_length, self.num_heads)
+        acc = _accumulation_dtype(cache.kv.dtype)
+        fq = _phi(new.q.astype(acc), self.feature_map) * new.real[:, None, :, None]
+        fk = _phi(new.k.astype(acc), self.feature_map) * new.writable[:, None, :, None]
+        state = jnp.concatenate((cache.kv, cache.k_sum[..., None]), axis=-1).astype(acc)
+        state, sums = _causal_sums(fq, fk, _append_ones(new.v.astype(acc)), self.chunk_size, state)
+        out = _normalize(sums).astype(new.q.dtype)
+        cache = LinearCache(
+            kv=state[..., :-1].astype(cache.kv.dtype),
+            k_sum=state[..., -1].astype(cache.k_sum.dtype),
+            lengths=cache.lengths + new.real.sum(1, dtype=cache.lengths.dtype),
+            max_length=cache.max_length,
+        )
+        return cache, finish(self, out, new)

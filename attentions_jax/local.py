@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 
 from ._validation import validate_positive
+from .cache import CacheRule
 from .masks import window_keep
 from .sparse import TiledSelfAttention, WindowTiling, is_symbolic, window_tiling
 
@@ -95,6 +97,13 @@ class LocalSelfAttention(TiledSelfAttention):
 
     def head_counts(self) -> tuple[int, int]:
         return self.num_heads, self.num_heads
+
+    def cache_rule(self) -> CacheRule:
+        """Decoding: a ring of the ``window_size // 2`` keys before a query (at least one slot)."""
+        return CacheRule(
+            ring=max(1, self.window_size // 2),
+            pattern=partial(window_keep, window_size=self.window_size),
+        )
 
     def tiling(
         self,

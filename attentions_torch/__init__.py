@@ -3,11 +3,11 @@
 from .alibi import ALiBiSelfAttention, AlibiSelfAttention, alibi_slopes
 from .base import SelfAttention
 from .block import BlockSelfAttention
-from .cache import KVCache
+from .cache import NO_LIMIT, KVCache, LinearCache, WindowCache
 from .dilated import DilatedSelfAttention
 from .functional import dot_product_attention, dot_product_attention_weights
 from .grouped import GroupedSelfAttention
-from .linear import LinearAttentionState, LinearSelfAttention, linear_attention
+from .linear import LinearSelfAttention, linear_attention
 from .local import LocalSelfAttention
 from .masks import (
     block_mask,
@@ -23,19 +23,21 @@ from .rotary import RotarySelfAttention
 from .vanilla import VanillaSelfAttention
 
 __all__ = [
+    "NO_LIMIT",
     "ALiBiSelfAttention",
     "AlibiSelfAttention",
     "BlockSelfAttention",
     "DilatedSelfAttention",
     "GroupedSelfAttention",
     "KVCache",
-    "LinearAttentionState",
+    "LinearCache",
     "LinearSelfAttention",
     "LocalSelfAttention",
     "MultiHeadSelfAttention",
     "RotarySelfAttention",
     "SelfAttention",
     "VanillaSelfAttention",
+    "WindowCache",
     "alibi_slopes",
     "apply_rope",
     "block_mask",

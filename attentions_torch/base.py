@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from . import cache as kv_cache
 from ._validation import (
     validate_context,
-    validate_decodable,
     validate_heads,
     validate_input,
     validate_options,
@@ -195,28 +194,29 @@ class SelfAttention(nn.Module):
         out, weights = self.attend(q, k, v, keep, is_causal=is_causal, need_weights=need_weights)
         return self.w_o(merge_heads(out)), weights
 
-    def decoding_blocker(self) -> str:
-        """The class name when its attention is not the dense core (an ``attend`` of its
-        own: local, dilated, block, linear), which the cache does not serve yet; ``""``."""
-        return "" if type(self).attend is SelfAttention.attend else type(self).__name__
+    def cache_rule(self) -> kv_cache.CacheRule:
+        """How this mechanism keeps and reads keys when decoding: dense, slot = position
+        (``attentions_torch.cache``); local, dilated and block attention say otherwise."""
+        return kv_cache.CacheRule()
 
     def init_cache(
         self,
         batch: int,
-        max_length: int,
+        max_length: int | None,
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-    ) -> kv_cache.KVCache:
-        """An empty ``KVCache`` for ``batch`` sequences of up to ``max_length`` tokens:
-        keys and values ``(B, K, S_max, D)`` (``dtype``, ``device``: the parameters' unless
-        given), lengths ``(B,)`` int32. Dense family only (``ValueError`` otherwise)."""
-        validate_decodable(self.decoding_blocker())
+    ) -> kv_cache.Cache:
+        """An empty cache for ``batch`` sequences of up to ``max_length`` tokens (``dtype``,
+        ``device``: the parameters' unless given): a ``KVCache``, keys and values
+        ``(B, K, S_max, D)`` and lengths ``(B,)`` int32, or for local and block attention a
+        ``WindowCache`` of their last keys, for linear attention a ``LinearCache``
+        (``max_length=None``: no limit for these three)."""
         return kv_cache.init_cache(self, batch, max_length, dtype=dtype, device=device)
 
     def decode(
-        self, cache: kv_cache.KVCache, x: Tensor, mask: Tensor | None = None
-    ) -> tuple[kv_cache.KVCache, Tensor]:
+        self, cache: kv_cache.Cache, x: Tensor, mask: Tensor | None = None
+    ) -> tuple[kv_cache.Cache, Tensor]:
         """Causal attention of T new tokens ``x`` ``(B, T, input_dim)`` to the cache and to
         each other; ``mask`` ``(B, T)`` marks the real tokens (``None``: all).
 
@@ -232,7 +232,6 @@ class SelfAttention(nn.Module):
             cache, out = attn.decode(cache, prompt, mask)      # (2, T, E)
             cache, out = attn.decode(cache, next_token)        # (2, 1, E)
         """
-        validate_decodable(self.decoding_blocker())
         return kv_cache.decode(self, cache, x, mask)
 
     def extra_repr(self) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._validation import validate_positive
+from .cache import CacheRule
 from .masks import block_keep
 from .sparse import TiledSelfAttention, WindowTiling, tile_count, window_tiling
 
@@ -109,6 +111,12 @@ class BlockSelfAttention(TiledSelfAttention):
             keys=keys,
             query_start=query_start,
             key_start=key_start,
+        )
+
+    def cache_rule(self) -> CacheRule:
+        """Decoding: a ring of ``block_size`` slots: the current block."""
+        return CacheRule(
+            ring=self.block_size, pattern=partial(block_keep, block_size=self.block_size)
         )
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from ._validation import validate_positive
 from .block import block_tiling
+from .cache import CacheRule
 from .masks import dilation_keep
 from .sparse import (
     TiledSelfAttention,
@@ -158,6 +160,13 @@ class DilatedSelfAttention(TiledSelfAttention):
             keys=keys,
             query_start=query_start,
             key_start=key_start,
+        )
+
+    def cache_rule(self) -> CacheRule:
+        """Decoding: slot = position; a one-token step reads its residue class."""
+        return CacheRule(
+            stride=self.dilation_rate,
+            pattern=partial(dilation_keep, dilation_rate=self.dilation_rate),
         )
 
     def extra_repr(self) -> str:

@@ -33,24 +33,24 @@ together: ``phi(q)·phi(K)ᵀ[V, 1] = [sum_j s_j v_j, sum_j s_j]``.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import (
+    validate_cache,
+    validate_cache_size,
     validate_feature_map,
-    validate_positive,
-    validate_step_input,
     validate_unscaled,
 )
 from .base import SelfAttention
-from .functional import _causal, _position_rows, merge_heads
+from .cache import LinearCache, field_shapes, finish, limit_tensor, new_tokens
+from .functional import _causal, _position_rows
 from .masks import causal_mask
-from .rope import rope_angles, rotate
 
-__all__ = ["CHUNK_SIZE", "EPS", "LinearAttentionState", "LinearSelfAttention", "linear_attention"]
+__all__ = ["CHUNK_SIZE", "EPS", "LinearSelfAttention", "linear_attention"]
 
 EPS = 1e-6
 """Added to every denominator; a query that sees no key gets ``0 / EPS = 0``."""
@@ -59,19 +59,6 @@ CHUNK_SIZE = 64
 """Smallest chunk of the causal fast path; the chunk is ``max(CHUNK_SIZE, D)`` (capped
 at L), so neither the intra-chunk scores ``(L, C)`` nor the chunk states ``(L / C, D, D)``
 outgrow the ``(L, D)`` inputs."""
-
-
-class LinearAttentionState(NamedTuple):
-    """Recurrent state of causal linear attention after ``position`` tokens.
-
-    kv: ``(B, H, F, D)`` sum of ``phi(k_j) v_jᵀ``; k_sum: ``(B, H, F)`` sum of
-    ``phi(k_j)``; position: 0-d integer, the number of tokens seen (the RoPE position of
-    the next one).
-    """
-
-    kv: Tensor
-    k_sum: Tensor
-    position: Tensor
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,18 +116,23 @@ def _chunked(x: Tensor, chunk: int) -> Tensor:
 
 
 def _causal_attention(fq: Tensor, fk: Tensor, v: Tensor, chunk_size: int) -> Tensor:
-    """Causal O(L·(C + D)·D) by chunks, out ``(B, H, L, D)``.
+    """Causal O(L·(C + D)·D) by chunks, out ``(B, H, L, D)``: ``_causal_sums`` normalized."""
+    return _normalize(_causal_sums(fq, fk, _append_ones(v), chunk_size))
+
+
+def _causal_sums(fq: Tensor, fk: Tensor, v1: Tensor, chunk_size: int) -> Tensor:
+    """``[numerator, denominator]`` ``(B, H, L, D + 1)`` of causal attention on ``v1 = [V, 1]``.
 
     Inside a chunk the masked kernel is explicit ``(C, C)``; the chunks before it enter as
     the exclusive prefix sum of the chunk states ``phi(K_c)ᵀ [V_c, 1]``. Padded keys have
     ``phi = 0`` and padded queries are cut off, so the padding changes nothing. While
-    ``torch.export`` traces a symbolic L, ``_prefix_attention`` serves instead.
+    ``torch.export`` traces a symbolic L, ``_prefix_sums`` serves instead.
     """
-    length, d_head = v.shape[2:]
+    length, d_head = v1.shape[2], v1.shape[3] - 1
     if torch.compiler.is_exporting():
-        return _prefix_attention(fq, fk, v)
+        return _prefix_sums(fq, fk, v1)
     chunk = min(max(chunk_size, d_head), length)
-    qc, kc, vc = _chunked(fq, chunk), _chunked(fk, chunk), _chunked(_append_ones(v), chunk)
+    qc, kc, vc = _chunked(fq, chunk), _chunked(fk, chunk), _chunked(v1, chunk)
     # (B, H, N, C, F) @ (B, H, N, F, C) -> (B, H, N, C, C), keys after the query zeroed
     scores = (qc @ kc.transpose(-1, -2)).tril_()
     # (B, H, N, F, C) @ (B, H, N, C, D + 1) -> (B, H, N, F, D + 1): the state after each chunk
@@ -148,17 +140,17 @@ def _causal_attention(fq: Tensor, fk: Tensor, v: Tensor, chunk_size: int) -> Ten
     out = scores @ vc
     # chunk n also sees the chunks before it, through the state after chunk n - 1
     out[:, :, 1:] += qc[:, :, 1:] @ states[:, :, :-1]
-    return _normalize(out.flatten(2, 3)[:, :, :length])
+    return out.flatten(2, 3)[:, :, :length]
 
 
-def _prefix_attention(fq: Tensor, fk: Tensor, v: Tensor) -> Tensor:
-    """Causal O(L·D²) time and memory with no chunks, out ``(B, H, L, D)``: the states
-    after every key, ``cumsum_j phi(k_j) [v_j, 1]ᵀ`` ``(B, H, L, F, D + 1)``, read by each
-    query. ``torch.export`` takes this path: chunking a symbolic L asks whether it is a
-    multiple of the chunk, a branch the export would pin to the traced length.
+def _prefix_sums(fq: Tensor, fk: Tensor, v1: Tensor) -> Tensor:
+    """``_causal_sums`` in O(L·D²) time and memory with no chunks: the states after every
+    key, ``cumsum_j phi(k_j) [v_j, 1]ᵀ`` ``(B, H, L, F, D + 1)``, read by each query.
+    ``torch.export`` takes this path: chunking a symbolic L asks whether it is a multiple
+    of the chunk, a branch the export would pin to the traced length.
     """
-    states = (fk[..., :, None] * _append_ones(v)[..., None, :]).cumsum(2)
-    return _normalize((fq[..., None, :] @ states)[..., 0, :])
+    states = (fk[..., :, None] * v1[..., None, :]).cumsum(2)
+    return (fq[..., None, :] @ states)[..., 0, :]
 
 
 def _kernel_weights(fq: Tensor, fk: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
@@ -238,12 +230,6 @@ def linear_attention(
     return out.to(q.dtype), weights.to(q.dtype) if need_weights else None
 
 
-def _rope_at(x: Tensor, position: Tensor, *, base: float, interleaved: bool) -> Tensor:
-    """RoPE of one position for ``x`` ``(B, H, D)``, as ``rope.apply_rope`` rotates row t."""
-    angles = position.to(torch.float64) * rope_angles(2, x.shape[-1], base, x.device)[1]
-    return rotate(x, angles.cos(), angles.sin(), interleaved=interleaved)
-
-
 class LinearSelfAttention(SelfAttention):
     """Linear attention (Katharopoulos et al. 2020): ``phi(q)·phi(k)`` kernel, no softmax.
 
@@ -256,14 +242,14 @@ class LinearSelfAttention(SelfAttention):
     Complexity (fast path, ``need_weights=False``): O(L·D²·H) time without a mask or with
     a key-padding mask; O(L·(C + D)·D·H) when causal (chunked, C = max(64, D)); O(L²·D·H)
     with a general ``(L, L)`` mask. ``need_weights=True``: O(L²·D·H) time, O(H·L²)
-    memory. Recurrent decoding: ``init_state`` / ``step``, O(D²·H) per token.
+    memory. Decoding (``init_cache`` / ``decode``): the recurrent state, O(D²·H) per token.
 
     Example::
 
         attn = LinearSelfAttention(d_model=512, num_heads=8)
         out, _ = attn(torch.randn(1, 65536, 512), is_causal=True, need_weights=False)
-        state = attn.init_state(batch=1)
-        state, y_t = attn.step(state, torch.randn(1, 512))   # (1, 512)
+        cache = attn.init_cache(batch=1)
+        cache, y = attn.decode(cache, torch.randn(1, 1, 512))   # (1, 1, 512)
     """
 
     chunk_size = CHUNK_SIZE
@@ -304,44 +290,58 @@ class LinearSelfAttention(SelfAttention):
             key_positions=key_positions,
         )
 
-    def init_state(self, batch: int) -> LinearAttentionState:
-        """The empty recurrent state for ``batch`` sequences (float32 or wider)."""
-        validate_positive("batch", batch)
+    def init_cache(
+        self,
+        batch: int,
+        max_length: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> LinearCache:
+        """The empty recurrent state for ``batch`` sequences (``max_length``: the most
+        tokens a sequence may hold, ``None``: no limit): ``LinearCache`` with kv
+        ``(B, H, D, D)`` and k_sum ``(B, H, D)`` in ``dtype`` (default: float32 or wider
+        than the parameters), lengths ``(B,)`` and max_length ``()`` int32."""
+        validate_cache_size(batch, max_length, fixed_size=True)
         weight = self.w_q.weight
-        acc = _accumulation_dtype(weight.dtype)
+        dtype = _accumulation_dtype(weight.dtype) if dtype is None else dtype
+        device = weight.device if device is None else device
         shape = (batch, self.num_heads, self.d_head)
-        return LinearAttentionState(
-            kv=weight.new_zeros((*shape, self.d_head), dtype=acc),
-            k_sum=weight.new_zeros(shape, dtype=acc),
-            position=torch.zeros((), dtype=torch.long, device=weight.device),
+        return LinearCache(
+            kv=torch.zeros((*shape, self.d_head), dtype=dtype, device=device),
+            k_sum=torch.zeros(shape, dtype=dtype, device=device),
+            lengths=torch.zeros(batch, dtype=torch.int32, device=device),
+            max_length=limit_tensor(max_length, device),
         )
 
-    def step(self, state: LinearAttentionState, x_t: Tensor) -> tuple[LinearAttentionState, Tensor]:
-        """One causal decoding step: the output for the token ``x_t`` ``(B, input_dim)``.
-
-        Fed the tokens of a sequence one by one from ``init_state``, the outputs equal the
-        full ``is_causal=True`` pass (no mask, no dropout). Returns ``(state, y_t)``,
-        y_t ``(B, E)``.
-        """
-        validate_step_input(x_t.shape, self.input_dim, state.kv.shape[0])
-        batch = x_t.shape[0]
-        q = self.w_q(x_t).view(batch, self.num_heads, self.d_head)
-        k = self.w_k(x_t).view(batch, self.num_heads, self.d_head)
-        v = self.w_v(x_t).view(batch, self.num_heads, self.d_head)
-        if self.rope:
-            q = _rope_at(q, state.position, base=self.rope_base, interleaved=self.rope_interleaved)
-            k = _rope_at(k, state.position, base=self.rope_base, interleaved=self.rope_interleaved)
-        acc = state.kv.dtype
-        fq = _phi(q.to(acc), self.feature_map)
-        fk = _phi(k.to(acc), self.feature_map)
-        # (B, H, F, 1) * (B, H, 1, D): this token's outer product joins the sum
-        kv = state.kv + fk[..., :, None] * v.to(acc)[..., None, :]
-        k_sum = state.k_sum + fk
-        num = (fq[..., None, :] @ kv)[..., 0, :]
-        den = (fq * k_sum).sum(-1, keepdim=True) + EPS
-        out = (num / den).to(x_t.dtype)[:, :, None]
-        y_t = self.w_o(merge_heads(out))[:, 0]
-        return LinearAttentionState(kv, k_sum, state.position + 1), y_t
+    def decode(
+        self, cache: LinearCache, x: Tensor, mask: Tensor | None = None
+    ) -> tuple[LinearCache, Tensor]:
+        """Causal linear attention of T new tokens ``x`` ``(B, T, input_dim)`` after the
+        state, O((T·C + T·D)·D·H) (one token: O(D²·H)); ``mask`` ``(B, T)`` marks the real
+        tokens. The state is updated in place; see ``SelfAttention.decode``."""
+        heads = ("B", self.num_heads, self.d_head)
+        expected = {
+            "kv": (*heads, self.d_head),
+            "k_sum": heads,
+            "lengths": ("B",),
+            "max_length": (),
+        }
+        validate_cache(type(cache).__name__, field_shapes(cache), "LinearCache", expected)
+        new = new_tokens(self, x, mask, cache.lengths, cache.max_length, self.num_heads)
+        acc = _accumulation_dtype(cache.kv.dtype)
+        fq = _phi(new.q.to(acc), self.feature_map) * new.real[:, None, :, None]
+        fk = _phi(new.k.to(acc), self.feature_map) * new.writable[:, None, :, None]
+        v1 = _append_ones(new.v.to(acc))
+        state = torch.cat((cache.kv, cache.k_sum[..., None]), dim=-1).to(acc)
+        # the tokens of this call among themselves, then the state of those before them
+        sums = _causal_sums(fq, fk, v1, self.chunk_size) + fq @ state
+        out = _normalize(sums).to(new.q.dtype)
+        added = fk.transpose(-1, -2) @ v1  # (B, H, F, D + 1)
+        cache.kv.add_(added[..., :-1].to(cache.kv.dtype))
+        cache.k_sum.add_(added[..., -1].to(cache.k_sum.dtype))
+        cache.lengths.add_(new.real.sum(1).to(cache.lengths.dtype))
+        return cache, finish(self, out, new)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, feature_map={self.feature_map!r}"

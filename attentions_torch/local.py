@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._validation import validate_positive
+from .cache import CacheRule
 from .masks import window_keep
 from .sparse import TiledSelfAttention, WindowTiling, tile_count, window_tiling
 
@@ -112,6 +114,13 @@ class LocalSelfAttention(TiledSelfAttention):
             keys=keys,
             query_start=query_start,
             key_start=key_start,
+        )
+
+    def cache_rule(self) -> CacheRule:
+        """Decoding: a ring of the ``window_size // 2`` keys before a query (at least one slot)."""
+        return CacheRule(
+            ring=max(1, self.window_size // 2),
+            pattern=partial(window_keep, window_size=self.window_size),
         )
 
     def extra_repr(self) -> str:

@@ -41,7 +41,13 @@ if _missing:
     raise ModuleNotFoundError(_message)
 
 from .check import DTYPES, Comparison, Report, compare_layers, enable_x64  # noqa: E402
-from .convert import ConversionError, flax_to_torch, torch_to_flax  # noqa: E402
+from .convert import (  # noqa: E402
+    ConversionError,
+    cache_to_jax,
+    cache_to_torch,
+    flax_to_torch,
+    torch_to_flax,
+)
 from .io import load_flax_params, load_state_dict, save_flax_params, save_state_dict  # noqa: E402
 from .mechanisms import MECHANISMS, Mechanism  # noqa: E402
 
@@ -52,6 +58,8 @@ __all__ = [
     "ConversionError",
     "Mechanism",
     "Report",
+    "cache_to_jax",
+    "cache_to_torch",
     "compare_layers",
     "enable_x64",
     "flax_to_torch",

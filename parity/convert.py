@@ -49,6 +49,7 @@ more a ``Conv`` kernel (so a ``DenseGeneral`` kernel, rank 3+, does not convert)
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -62,6 +63,8 @@ from torch import nn
 
 __all__ = [
     "ConversionError",
+    "cache_to_jax",
+    "cache_to_torch",
     "flax_to_numpy_state",
     "flax_to_torch",
     "numpy_state_to_flax",
@@ -89,10 +92,10 @@ def _torch_to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _numpy_to_torch(a: np.ndarray) -> torch.Tensor:
-    a = np.ascontiguousarray(a)
+    a = np.array(a, order="C")  # a contiguous copy; 0-d stays 0-d
     if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(a.copy())
+        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _rule(module: nn.Module) -> dict[str, str] | None:
@@ -369,3 +372,48 @@ def flax_to_torch(
             "state_dict does not match",
         )
     return state
+
+
+CACHES = ("KVCache", "WindowCache", "LinearCache")
+"""The cache types of ``attentions_torch.cache`` / ``attentions_jax.cache``: the same names,
+fields, shapes and dtypes in both packages."""
+
+
+def _convert_caches(caches: Any, to: str, leaf) -> Any:
+    """Rebuild ``caches`` (a cache, or lists, tuples and dicts of them) as the ``to``
+    package's cache types, each field through ``leaf``."""
+    kind = type(caches).__name__
+    if kind in CACHES and hasattr(caches, "_fields"):
+        package = importlib.import_module(to)
+        return getattr(package, kind)(*(leaf(field) for field in caches))
+    if isinstance(caches, Mapping):
+        return {key: _convert_caches(value, to, leaf) for key, value in caches.items()}
+    if isinstance(caches, list | tuple) and not hasattr(caches, "_fields"):
+        return type(caches)(_convert_caches(value, to, leaf) for value in caches)
+    raise ConversionError(
+        f"expected a decoding cache ({', '.join(CACHES)}) or a list, tuple or dict of them, "
+        f"got {kind}"
+    )
+
+
+def cache_to_jax(caches: Any) -> Any:
+    """A PyTorch decoding cache (``layer.init_cache`` / ``decode``) as the JAX cache of the
+    same name, fields copied bit for bit; also lists, tuples and dicts of caches (a
+    model's). Decoding goes on in JAX from where PyTorch stopped. float64 caches need
+    JAX's 64-bit mode."""
+
+    def leaf(tensor: torch.Tensor) -> jax.Array:
+        array = _torch_to_numpy(tensor)
+        if array.dtype == np.float64 and not jax.config.jax_enable_x64:
+            raise ConversionError("a float64 cache needs JAX's 64-bit mode (jax.enable_x64)")
+        return jnp.asarray(array)
+
+    return _convert_caches(caches, "attentions_jax", leaf)
+
+
+def cache_to_torch(caches: Any, *, device: torch.device | str | None = None) -> Any:
+    """A JAX decoding cache as the PyTorch cache of the same name (on ``device``), fields
+    copied bit for bit; also lists, tuples and dicts of caches."""
+    return _convert_caches(
+        caches, "attentions_torch", lambda a: _numpy_to_torch(np.asarray(a)).to(device)
+    )

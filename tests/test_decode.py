@@ -1,10 +1,12 @@
-"""Decoding with a KV cache, dense family (docs/semantics.md "Decoding with a cache", issue 13).
+"""Decoding with a cache, every mechanism (docs/semantics.md "Decoding with a cache", issue 13).
 
-A prompt and then one token per call give ``layer(x, is_causal=True)``; a batch of prompts
-of different lengths gives each sequence what decoding it alone gives; a jitted JAX step
-compiles once for every position and runs as a ``lax.scan`` body; a compiled PyTorch step
-does not recompile; a cache moves from PyTorch to JAX and decoding goes on; an overflow is
-an error eagerly and NaN when traced; bad input raises the same text in both packages.
+A prompt and then one token per call (or chunks of any size) give ``layer(x,
+is_causal=True)``; a batch of prompts of different lengths gives each sequence what
+decoding it alone gives; a jitted JAX step compiles once for every position and runs as a
+``lax.scan`` body; a compiled PyTorch step does not recompile; caches move between the
+frameworks (``parity.cache_to_jax`` / ``cache_to_torch``) and decoding goes on; a local
+cache keeps its size over a 10,000-token stream; an overflow is an error eagerly and NaN
+when traced; bad input raises the same text in both packages.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from jax import lax
 
 import attentions_jax as aj
 import attentions_torch as at
-from parity import torch_to_flax
+from parity import cache_to_jax, cache_to_torch, torch_to_flax
 from parity.mechanisms import MECHANISMS, Mechanism, by_name
 from tests.helpers import input_width, make_layers
 
@@ -29,21 +31,35 @@ needs_x64 = pytest.mark.skipif(
     not jax.config.jax_enable_x64, reason="float64 references need JAX's 64-bit mode"
 )
 
-DENSE = [m for m in MECHANISMS if m.pattern in ("dense", "alibi", "rope")]
-NOT_DECODING = [m for m in MECHANISMS if m not in DENSE]
-
 CONFIGS = [
-    *[(m.name, m, {}) for m in DENSE],
+    *[(m.name, m, {}) for m in MECHANISMS],
     ("multi_head_bias", by_name("multi_head"), {"bias": True}),
     ("grouped_rope_interleaved", by_name("grouped"), {"rope": True}),
     ("grouped_rope_half", by_name("grouped"), {"rope": True, "rope_interleaved": False}),
     ("mqa_rope_llama3", by_name("grouped"), {"num_kv_heads": 1, "rope": True, "rope_base": 5e5}),
     ("alibi_rope", by_name("alibi"), {"rope": True}),
+    ("local_even_window", by_name("local"), {"window_size": 4}),
+    ("local_window_1", by_name("local"), {"window_size": 1}),
+    (
+        "local_wide_rope_half",
+        by_name("local"),
+        {"window_size": 9, "rope": True, "rope_interleaved": False},
+    ),
+    ("block_3_rope", by_name("block"), {"block_size": 3, "rope": True}),
+    ("block_wider_than_l", by_name("block"), {"block_size": 16}),
+    ("dilated_2_rope", by_name("dilated"), {"dilation_rate": 2, "rope": True}),
+    ("dilated_wider_than_l", by_name("dilated"), {"dilation_rate": 13}),
+    ("linear_rope", by_name("linear"), {"rope": True}),
+    ("linear_relu_bias", by_name("linear"), {"feature_map": "relu", "bias": True}),
 ]
-"""Every dense-family registry row, then RoPE in both layouts on GQA and MQA, biases,
-ALiBi with RoPE."""
+"""Every registry row (windows, blocks and rates that do not divide L = 11), then RoPE in
+both layouts on GQA, MQA, local, block, dilated and linear attention, biases, ALiBi with
+RoPE, even and one-key windows, a block and a rate longer than the stream."""
 
 B, L, PROMPT, MAX_LENGTH = 2, 11, 5, 16
+SCHEDULES = {"prompt_then_tokens": list(range(PROMPT, L)), "chunks": [3, 4, 8]}
+"""Where x is cut into decoding calls: a prompt of 5 then one token per call; chunks of
+3, 1, 4 and 3 tokens (longer than local's and block's rings, and shorter)."""
 
 
 def _layers(mechanism: Mechanism, overrides: dict[str, Any], dtype=torch.float64):
@@ -102,18 +118,20 @@ def _prompt_then_tokens(length: int, prompt: int) -> list[int]:
 
 @needs_x64
 @pytest.mark.parametrize(("name", "mechanism", "overrides"), CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_prompt_then_tokens_equal_the_causal_forward(name, mechanism, overrides, rng):
+def test_decoding_equals_the_causal_forward(name, mechanism, overrides, rng):
+    """Both schedules, both frameworks, float64: ``layer(x, is_causal=True)`` to 1e-10."""
     torch_layer, flax_layer, variables = _layers(mechanism, overrides)
     x = rng.standard_normal((B, L, input_width(mechanism, {**mechanism.kwargs, **overrides})))
     with torch.no_grad():
         want = torch_layer(torch.tensor(x), is_causal=True)[0].numpy()
-    splits = _prompt_then_tokens(L, PROMPT)
-    for framework, (cache, out) in {
-        "torch": decode_torch(torch_layer, x, splits),
-        "jax": decode_jax(flax_layer, variables, x, splits),
-    }.items():
-        np.testing.assert_allclose(out, want, atol=1e-10, rtol=0, err_msg=framework)
-        np.testing.assert_array_equal(np.asarray(cache.lengths), [L] * B, err_msg=framework)
+    for schedule, splits in SCHEDULES.items():
+        for framework, (cache, out) in {
+            "torch": decode_torch(torch_layer, x, splits),
+            "jax": decode_jax(flax_layer, variables, x, splits),
+        }.items():
+            where = f"{framework}, {schedule}"
+            np.testing.assert_allclose(out, want, atol=1e-10, rtol=0, err_msg=where)
+            np.testing.assert_array_equal(np.asarray(cache.lengths), [L] * B, err_msg=where)
 
 
 PROMPT_MASK = np.array(
@@ -128,13 +146,19 @@ STEP_MASKS = [np.ones((3, 1), bool), np.array([[1], [0], [1]], bool), np.ones((3
 """Three steps after the prompt; the second sequence skips the middle one."""
 
 
+RAGGED = [
+    ("alibi", by_name("alibi"), {}),
+    ("grouped_rope_half", by_name("grouped"), {"rope": True, "rope_interleaved": False}),
+    ("local_rope", by_name("local"), {"window_size": 4, "rope": True}),
+    ("block", by_name("block"), {"block_size": 3}),
+    ("dilated", by_name("dilated"), {"dilation_rate": 2}),
+    ("linear_rope", by_name("linear"), {"rope": True}),
+]
+
+
 @needs_x64
-@pytest.mark.parametrize(
-    ("mechanism", "overrides"),
-    [(by_name("alibi"), {}), (by_name("grouped"), {"rope": True, "rope_interleaved": False})],
-    ids=["alibi", "grouped_rope_half"],
-)
-def test_prompts_of_different_lengths_decode_as_alone(mechanism, overrides, rng):
+@pytest.mark.parametrize(("name", "mechanism", "overrides"), RAGGED, ids=[c[0] for c in RAGGED])
+def test_prompts_of_different_lengths_decode_as_alone(name, mechanism, overrides, rng):
     """Each sequence of a padded batch gets what decoding its real tokens alone gives
     (outputs and cache); padded tokens' outputs are exactly zero."""
     torch_layer, flax_layer, variables = _layers(mechanism, overrides)
@@ -159,18 +183,28 @@ def test_prompts_of_different_lengths_decode_as_alone(mechanism, overrides, rng)
             np.testing.assert_allclose(out[b, real[b]], want[0], atol=1e-10, rtol=0, err_msg=where)
             assert not np.any(out[b, ~real[b]]), where
             assert int(cache.lengths[b]) == count, where
-            for field in ("keys", "values"):
-                got = np.asarray(getattr(cache, field))[b, :, :count]
-                ref = getattr(want_cache, field).numpy()[0, :, :count]
-                np.testing.assert_allclose(got, ref, atol=1e-10, rtol=0, err_msg=where)
+            for field in cache._fields:  # the whole row: padded tokens were written nowhere
+                if field != "max_length":
+                    got = np.asarray(getattr(cache, field))[b]
+                    ref = getattr(want_cache, field).numpy()[0]
+                    np.testing.assert_allclose(got, ref, atol=1e-10, rtol=0, err_msg=where)
+
+
+COMPILED = [
+    ("alibi_rope", by_name("alibi"), {"rope": True}),
+    ("local", by_name("local"), {}),
+    ("block", by_name("block"), {}),
+    ("dilated", by_name("dilated"), {}),
+    ("linear", by_name("linear"), {}),
+]
 
 
 @needs_x64
-def test_jax_decode_compiles_once_and_scans(rng):
+@pytest.mark.parametrize(("name", "mechanism", "overrides"), COMPILED, ids=[c[0] for c in COMPILED])
+def test_jax_decode_compiles_once_and_scans(name, mechanism, overrides, rng):
     """A jitted step traces once for every position of a (B, T); a ``lax.scan`` over single
     tokens and eager (un-jitted) calls give the same outputs, equal to the causal forward."""
-    mechanism = by_name("alibi")
-    torch_layer, flax_layer, variables = _layers(mechanism, {"rope": True})
+    torch_layer, flax_layer, variables = _layers(mechanism, overrides)
     x = jnp.asarray(rng.standard_normal((B, L, mechanism.kwargs["d_model"])))
     with torch.no_grad():
         want = torch_layer(torch.tensor(np.asarray(x)), is_causal=True)[0].numpy()
@@ -210,16 +244,26 @@ def test_jax_decode_compiles_once_and_scans(rng):
 
 
 @pytest.mark.slow
-def test_torch_compile_decode_does_not_recompile(monkeypatch, rng):
+@pytest.mark.parametrize(
+    ("name", "mechanism", "overrides"),
+    [
+        ("grouped_rope", by_name("grouped"), {"rope": True}),
+        ("local", by_name("local"), {}),
+        ("linear", by_name("linear"), {}),
+    ],
+    ids=["grouped_rope", "local", "linear"],
+)
+def test_torch_compile_decode_does_not_recompile(name, mechanism, overrides, rng):
     """One compiled step serves every position (dynamo's ``error_on_recompile``), equals
-    eager, and past the cache's end gives NaN instead of raising (documented)."""
+    eager, and past max_length gives NaN instead of raising (documented). Local attention's
+    ring wraps during the steps (window 5: two slots)."""
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    layer = at.GroupedSelfAttention(32, 4, 2, rope=True).eval()
+    layer = _layers(mechanism, overrides, torch.float32)[0]
     steps, max_length = 4, PROMPT + 4
-    x = torch.tensor(rng.standard_normal((B, PROMPT + steps + 1, 32)), dtype=torch.float32)
+    width = mechanism.kwargs["d_model"]
+    x = torch.tensor(rng.standard_normal((B, PROMPT + steps + 1, width)), dtype=torch.float32)
     compiled = torch.compile(layer.decode)
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         eager_cache, _ = layer.decode(layer.init_cache(B, max_length), x[:, :PROMPT])
         cache, _ = layer.decode(layer.init_cache(B, max_length), x[:, :PROMPT])
         for t in range(PROMPT, PROMPT + steps):
@@ -229,45 +273,128 @@ def test_torch_compile_decode_does_not_recompile(monkeypatch, rng):
         cache, out = compiled(cache, x[:, -1:])  # the cache is full
     assert torch.isnan(out).all()
     assert cache.lengths.tolist() == [max_length + 1] * B
-    torch.testing.assert_close(cache.keys, eager_cache.keys)
+    for field in cache._fields[:2]:  # nothing written past the end
+        torch.testing.assert_close(getattr(cache, field), getattr(eager_cache, field))
     torch._dynamo.reset()
 
 
-def test_cache_moves_from_torch_to_jax(rng):
-    """float32 (§6): a PyTorch cache as NumPy arrays is a JAX cache; decoding goes on in JAX
-    with what PyTorch computes, and both make the same cache from the same prompt."""
-    mechanism = by_name("grouped")
+@pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
+def test_caches_move_between_the_frameworks(mechanism, rng):
+    """float32 (§6): ``parity.cache_to_jax`` turns a PyTorch cache into the JAX one the same
+    prompt makes, and decoding goes on in JAX with what PyTorch computes; and back with
+    ``cache_to_torch``."""
     torch_layer, flax_layer, variables = _layers(mechanism, {"rope": True}, torch.float32)
     x = rng.standard_normal((3, PROMPT + 3, mechanism.kwargs["d_model"])).astype(np.float32)
     masks = [PROMPT_MASK, *STEP_MASKS]
     torch_cache, _ = decode_torch(torch_layer, x[:, :PROMPT], [], masks[:1])
     jax_cache, _ = decode_jax(flax_layer, variables, x[:, :PROMPT], [], masks[:1])
-    moved = aj.KVCache(*(jnp.asarray(np.asarray(field)) for field in torch_cache))
+    moved = cache_to_jax(torch_cache)
+    assert type(moved) is type(jax_cache)
     for got, want in zip(moved, jax_cache, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    back = cache_to_torch(moved)
+    assert type(back) is type(torch_cache)
+    for got, want in zip(back, torch_cache, strict=True):
+        assert torch.equal(got, want)  # bit for bit
     steps = [1, 2]
     _, want = decode_torch(torch_layer, x[:, PROMPT:], steps, masks[1:], cache=torch_cache)
     _, out = decode_jax(flax_layer, variables, x[:, PROMPT:], steps, masks[1:], cache=moved)
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
 
 
-def test_cache_layout_is_the_same_in_both():
-    """K kv heads (not H), the parameters' dtype unless given, int32 lengths, zeros."""
-    torch_layer = at.GroupedSelfAttention(32, 8, 2)
-    flax_layer = aj.GroupedSelfAttention(32, 8, 2)
-    variables = {"params": torch_to_flax(torch_layer)}
+def test_a_model_s_caches_convert_and_other_things_do_not():
+    layer = at.LocalSelfAttention(8, 4, 2)
+    caches = {"blocks": [layer.init_cache(1, None), at.LinearSelfAttention(8).init_cache(2)]}
+    moved = cache_to_jax(caches)
+    assert [type(c).__name__ for c in moved["blocks"]] == ["WindowCache", "LinearCache"]
+    assert int(moved["blocks"][0].max_length) == at.NO_LIMIT
+    with pytest.raises(ValueError, match=r"expected a decoding cache .* got ndarray"):
+        cache_to_jax([np.zeros(3)])
+
+
+LAYOUTS = {
+    "vanilla": ("KVCache", (3, 1, 7, 32)),
+    "multi_head": ("KVCache", (3, 4, 7, 8)),
+    "grouped": ("KVCache", (3, 2, 7, 8)),  # K kv heads, not H
+    "alibi": ("KVCache", (3, 6, 7, 8)),
+    "rotary": ("KVCache", (3, 4, 7, 8)),
+    "local": ("WindowCache", (3, 4, 2, 8)),  # window 5: the 2 keys before a query
+    "dilated": ("KVCache", (3, 4, 7, 8)),  # every residue class
+    "block": ("WindowCache", (3, 4, 4, 8)),  # the current block
+    "linear": ("LinearCache", (3, 4, 8, 8)),  # the recurrent state
+}
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
+def test_cache_layout_is_the_same_in_both(mechanism):
+    """§11's layout per mechanism: the same type, fields, shapes and dtypes in both packages
+    (the parameters' dtype unless given; linear's state float32 or wider), zeros, int32
+    lengths and max_length."""
+    torch_layer, flax_layer, variables = _layers(mechanism, {}, torch.float32)
+    kind, shape = LAYOUTS[mechanism.name]
     for dtype in (None, "bfloat16"):
         t_cache = torch_layer.init_cache(3, 7, dtype=dtype and getattr(torch, dtype))
         j_cache = flax_layer.apply(variables, 3, 7, dtype=dtype, method="init_cache")
-        assert t_cache._fields == j_cache._fields == ("keys", "values", "lengths")
+        assert type(t_cache).__name__ == type(j_cache).__name__ == kind
+        assert t_cache._fields == j_cache._fields
         for t_field, j_field in zip(t_cache, j_cache, strict=True):
             assert tuple(t_field.shape) == j_field.shape
             assert str(t_field.dtype).removeprefix("torch.") == str(j_field.dtype)
-            assert not t_field.any() and not j_field.any()
-        assert t_cache.keys.shape == (3, 2, 7, 4)
-        assert t_cache.keys.dtype == (torch.float32 if dtype is None else torch.bfloat16)
-        assert t_cache.lengths.dtype == torch.int32
+        assert tuple(t_cache[0].shape) == shape
+        assert t_cache[0].dtype == (torch.float32 if dtype is None else torch.bfloat16)
+        assert t_cache.lengths.dtype == torch.int32 and not t_cache.lengths.any()
+        assert not t_cache[0].any() and not t_cache[1].any()
+        if kind != "KVCache":
+            assert int(t_cache.max_length) == int(j_cache.max_length) == 7
+
+
+@pytest.mark.parametrize(
+    "mechanism", [by_name(n) for n in ("local", "block", "linear")], ids=lambda m: m.name
+)
+def test_fixed_size_caches_take_no_max_length(mechanism, rng):
+    """local, block and linear: ``max_length=None`` is no limit (``NO_LIMIT`` stored)."""
+    torch_layer, flax_layer, variables = _layers(mechanism, {}, torch.float32)
+    t_cache = torch_layer.init_cache(1, None)
+    j_cache = flax_layer.apply(variables, 1, None, method="init_cache")
+    assert int(t_cache.max_length) == int(j_cache.max_length) == at.NO_LIMIT == aj.NO_LIMIT
+    x = rng.standard_normal((1, 3, 32)).astype(np.float32)
+    _, out = decode_torch(torch_layer, x, [1, 2], cache=t_cache)
+    _, j_out = decode_jax(flax_layer, variables, x, [1, 2], cache=j_cache)
+    np.testing.assert_allclose(j_out, out, atol=1e-5, rtol=1e-5)
+
+
+def test_a_local_cache_keeps_its_size_over_10000_steps(rng):
+    """A 10,000-token stream, one token per step: the ring's shapes and bytes never change,
+    and the outputs are the causal forward's (JAX under ``lax.scan``; PyTorch eagerly)."""
+    steps = 10_000
+    torch_layer, flax_layer, variables = _layers(
+        by_name("local"), {"d_model": 8, "num_heads": 2, "window_size": 6}, torch.float32
+    )
+    x = rng.standard_normal((1, steps, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = torch_layer(torch.tensor(x), is_causal=True, need_weights=False)[0].numpy()
+
+    start = flax_layer.apply(variables, 1, None, method="init_cache")
+    body = lambda cache, token: flax_layer.apply(  # noqa: E731
+        variables, cache, token[:, None], method="decode"
+    )
+    cache, outs = jax.jit(lambda c, xs: lax.scan(body, c, xs))(start, x.swapaxes(0, 1))
+    assert jax.tree.map(jnp.shape, cache) == jax.tree.map(jnp.shape, start)
+    assert int(cache.lengths[0]) == steps
+    np.testing.assert_allclose(np.asarray(outs)[:, :, 0].swapaxes(0, 1), want, atol=2e-5)
+
+    t_cache = torch_layer.init_cache(1, None)
+    shapes, nbytes = [tuple(f.shape) for f in t_cache], sum(f.nbytes for f in t_cache)
+    got = np.empty_like(want)
+    with torch.no_grad():
+        for t in range(steps):
+            t_cache, out = torch_layer.decode(t_cache, torch.from_numpy(x[:, t : t + 1]))
+            got[:, t] = out[:, 0].numpy()
+            if t % 1000 == 999:
+                assert [tuple(f.shape) for f in t_cache] == shapes
+                assert sum(f.nbytes for f in t_cache) == nbytes == 2 * 2 * 3 * 4 * 4 + 8
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 @needs_x64
@@ -318,15 +445,24 @@ def _pair(cls: str = "MultiHeadSelfAttention", *args: Any, **kwargs: Any):
     return torch_layer, flax_layer, {"params": torch_to_flax(torch_layer)}
 
 
-def test_overflow_raises_eagerly_before_writing():
-    torch_layer, flax_layer, variables = _pair("MultiHeadSelfAttention", 8, 2)
+OVERFLOWING = [
+    ("MultiHeadSelfAttention", (8, 2)),
+    ("LocalSelfAttention", (8, 3, 2)),
+    ("DilatedSelfAttention", (8, 2, 2)),
+    ("LinearSelfAttention", (8, 2)),
+]
+
+
+@pytest.mark.parametrize(("cls", "args"), OVERFLOWING, ids=[c[0] for c in OVERFLOWING])
+def test_overflow_raises_eagerly_before_writing(cls, args):
+    torch_layer, flax_layer, variables = _pair(cls, *args)
     x = np.random.default_rng(0).standard_normal((2, 6, 8)).astype(np.float32)
     t_cache = torch_layer.init_cache(2, 5)
     j_cache = flax_layer.apply(variables, 2, 5, method="init_cache")
     with torch.no_grad():
         t_cache, _ = torch_layer.decode(t_cache, torch.tensor(x[:, :4]))
     j_cache, _ = flax_layer.apply(variables, j_cache, jnp.asarray(x[:, :4]), method="decode")
-    keys = t_cache.keys.clone()
+    before = [field.clone() for field in t_cache]
     mask = np.array([[1, 1], [1, 0]], bool)  # the first sequence would hold 6 tokens
     t_msg, j_msg = _messages(
         lambda: torch_layer.decode(t_cache, torch.tensor(x[:, 4:]), torch.tensor(mask)),
@@ -336,27 +472,28 @@ def test_overflow_raises_eagerly_before_writing():
     )
     assert t_msg == j_msg
     assert "sequence 0 would hold 6 tokens, max_length = 5" in t_msg
-    assert t_cache.lengths.tolist() == [4, 4] and torch.equal(t_cache.keys, keys)
+    assert all(torch.equal(a, b) for a, b in zip(t_cache, before, strict=True))
 
 
-def test_overflow_under_jit_is_nan_not_garbage(rng):
-    """Under ``jax.jit`` a token past the cache's end is not written and its output is NaN,
+@pytest.mark.parametrize(("cls", "args"), OVERFLOWING, ids=[c[0] for c in OVERFLOWING])
+def test_overflow_under_jit_is_nan_not_garbage(cls, args, rng):
+    """Under ``jax.jit`` a token past max_length is not written and its output is NaN,
     and so are its sequence's later tokens (``lengths`` counts on); the others go on."""
-    _, flax_layer, variables = _pair("MultiHeadSelfAttention", 8, 2)
+    _, flax_layer, variables = _pair(cls, *args)
     step = _jax_step(flax_layer)
     x = jnp.asarray(rng.standard_normal((2, 6, 8)), jnp.float32)
     cache = flax_layer.apply(variables, 2, 4, method="init_cache")
     cache, prompt = step(variables, cache, x[:, :3], None)
     full = jnp.ones((2, 1), bool)
     cache, fits = step(variables, cache, x[:, 3:4], full)  # positions 3: the last slot
-    keys = np.asarray(cache.keys)
+    state = np.asarray(cache[0])
     cache, first = step(variables, cache, x[:, 4:5], jnp.array([[True], [False]]))
     cache, second = step(variables, cache, x[:, 5:6], full)
     assert np.isfinite(prompt).all() and np.isfinite(fits).all()
     assert np.isnan(first[0]).all() and not np.asarray(first[1]).any()  # padded: zero
     assert np.isnan(second).all()  # both sequences are past the end now
     assert np.asarray(cache.lengths).tolist() == [6, 5]
-    np.testing.assert_array_equal(np.asarray(cache.keys), keys)
+    np.testing.assert_array_equal(np.asarray(cache[0]), state)
 
 
 D = 8
@@ -415,7 +552,7 @@ def test_a_cache_of_another_layer_is_refused():
         lambda: flax_layer.apply(variables, j_cache, jnp.zeros((2, 1, D)), method="decode"),
     )
     assert t_msg == j_msg
-    assert "(B, 1, S_max, 4)" in t_msg and "got keys (2, 2, 4, 4)" in t_msg
+    assert "keys (B, 1, S_max, 4)" in t_msg and "got a KVCache (keys (2, 2, 4, 4)" in t_msg
 
 
 def test_a_cross_attention_layer_cannot_decode():
@@ -429,24 +566,30 @@ def test_a_cross_attention_layer_cannot_decode():
     assert t_msg == j_msg and "built for cross-attention" in t_msg
 
 
-@pytest.mark.parametrize("mechanism", NOT_DECODING, ids=lambda m: m.name)
-def test_other_mechanisms_refuse_to_decode_yet(mechanism):
-    """Local, dilated, block and linear attention inherit ``decode`` but compute another
-    pattern: they raise rather than decode as dense attention."""
-    torch_layer, flax_layer, variables = _layers(mechanism, {}, torch.float32)
+KINDS = [
+    ("LocalSelfAttention", (D, 4, 2), "expected a WindowCache of this layer (keys (B, 2, 2, 4)"),
+    ("LinearSelfAttention", (D, 2), "expected a LinearCache of this layer (kv (B, 2, 4, 4)"),
+]
+
+
+@pytest.mark.parametrize(("cls", "args", "expected"), KINDS, ids=[c[0] for c in KINDS])
+def test_a_cache_of_another_kind_is_refused(cls, args, expected):
+    torch_layer, flax_layer, variables = _pair(cls, *args)
+    shape = (2, 2, 4, 4)
+    t_cache = at.KVCache(torch.zeros(shape), torch.zeros(shape), torch.zeros(2, dtype=torch.int32))
+    j_cache = aj.KVCache(jnp.zeros(shape), jnp.zeros(shape), jnp.zeros(2, jnp.int32))
     t_msg, j_msg = _messages(
-        lambda: torch_layer.init_cache(1, 4),
-        lambda: flax_layer.apply(variables, 1, 4, method="init_cache"),
+        lambda: torch_layer.decode(t_cache, torch.zeros(2, 1, D)),
+        lambda: flax_layer.apply(variables, j_cache, jnp.zeros((2, 1, D)), method="decode"),
     )
     assert t_msg == j_msg
-    assert f"not available for {mechanism.class_name} yet" in t_msg
-    shape = (1, mechanism.head_counts()[1], 4, mechanism.kwargs["d_model"] // 4)
-    cache = (np.zeros(shape, np.float32),) * 2 + (np.zeros(1, np.int32),)
-    x = np.zeros((1, 1, mechanism.kwargs["d_model"]), np.float32)
+    assert expected in t_msg and "got a KVCache (keys (2, 2, 4, 4)" in t_msg
+
+
+def test_dense_caches_need_a_max_length():
+    torch_layer, flax_layer, variables = _pair("MultiHeadSelfAttention", D, 2)
     t_msg, j_msg = _messages(
-        lambda: torch_layer.decode(at.KVCache(*map(torch.tensor, cache)), torch.tensor(x)),
-        lambda: flax_layer.apply(
-            variables, aj.KVCache(*map(jnp.asarray, cache)), jnp.asarray(x), method="decode"
-        ),
+        lambda: torch_layer.init_cache(1, None),
+        lambda: flax_layer.apply(variables, 1, None, method="init_cache"),
     )
-    assert t_msg == j_msg and "not available" in t_msg
+    assert t_msg == j_msg and "max_length must be a positive integer, got None" in t_msg

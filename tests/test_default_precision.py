@@ -147,23 +147,23 @@ def test_rope_angles_at_long_lengths(class_name, kwargs, interleaved):
 
 
 @only_default
-def test_recurrent_step_counts_positions_in_this_mode():
-    """The step's integer position and its float32 RoPE angle, against PyTorch's step."""
+def test_recurrent_decode_counts_positions_in_this_mode():
+    """The decoding call's int32 lengths and its float32 RoPE angle, against PyTorch's."""
     torch.manual_seed(0)
     torch_layer = at.LinearSelfAttention(32, 4, rope=True)
     layer = aj.LinearSelfAttention(32, 4, rope=True)
     variables = {"params": torch_to_flax(torch_layer)}
     x = np.random.default_rng(3).standard_normal((2, 40, 32)).astype(np.float32)
-    state = layer.apply(variables, 2, method="init_state")
-    assert state.position.dtype == jnp.int32
-    step = jax.jit(lambda state, x_t: layer.apply(variables, state, x_t, method="step"))
-    t_state = torch_layer.init_state(2)
+    cache = layer.apply(variables, 2, method="init_cache")
+    assert cache.lengths.dtype == jnp.int32
+    step = jax.jit(lambda cache, x_t: layer.apply(variables, cache, x_t, method="decode"))
+    t_cache = torch_layer.init_cache(2)
     with torch.no_grad():
         for t in range(x.shape[1]):
-            state, y = step(state, jnp.asarray(x[:, t]))
-            t_state, t_y = torch_layer.step(t_state, torch.from_numpy(x[:, t]))
+            cache, y = step(cache, jnp.asarray(x[:, t : t + 1]))
+            t_cache, t_y = torch_layer.decode(t_cache, torch.from_numpy(x[:, t : t + 1]))
             np.testing.assert_allclose(np.asarray(y), t_y.numpy(), atol=1e-5, rtol=1e-5)
-    assert int(state.position) == x.shape[1]
+    assert np.asarray(cache.lengths).tolist() == [x.shape[1]] * 2
 
 
 @only_default

@@ -359,22 +359,22 @@ def test_recurrent_steps_equal_the_causal_pass_in_both_frameworks(rng, kwargs):
     variables = {"params": params}
     full = _run_torch(torch_layer, x, None, is_causal=True, need_weights=False)[0]
 
-    state = torch_layer.init_state(B)
+    cache = torch_layer.init_cache(B)
     torch_steps = []
     with torch.no_grad():
         for t in range(x.shape[1]):
-            state, y_t = torch_layer.step(state, torch.tensor(x[:, t]))
+            cache, y_t = torch_layer.decode(cache, torch.tensor(x[:, t : t + 1]))
             torch_steps.append(y_t.numpy())
-    assert int(state.position) == x.shape[1]
+    assert cache.lengths.tolist() == [x.shape[1]] * B
 
-    def body(state, x_t):
-        return flax_layer.apply(variables, state, x_t, method="step")
+    def body(cache, x_t):
+        return flax_layer.apply(variables, cache, x_t, method="decode")
 
-    start = flax_layer.apply(variables, B, method="init_state")
-    _, flax_steps = jax.jit(lambda xs: lax.scan(body, start, xs))(jnp.swapaxes(x, 0, 1))
+    start = flax_layer.apply(variables, B, method="init_cache")
+    _, flax_steps = jax.jit(lambda xs: lax.scan(body, start, xs))(jnp.swapaxes(x, 0, 1)[:, :, None])
 
-    torch_steps = np.stack(torch_steps, axis=1)
-    flax_steps = np.swapaxes(np.asarray(flax_steps), 0, 1)
+    torch_steps = np.concatenate(torch_steps, axis=1)
+    flax_steps = np.swapaxes(np.asarray(flax_steps)[:, :, 0], 0, 1)
     np.testing.assert_allclose(torch_steps, full, atol=1e-12)
     np.testing.assert_allclose(flax_steps, full, atol=1e-12)
     np.testing.assert_allclose(torch_steps, flax_steps, atol=1e-10)  # the float64 tolerance
@@ -385,22 +385,22 @@ def test_recurrent_step_in_float32_and_bfloat16(rng):
     x = torch.tensor(rng.standard_normal((B, 9, E)), dtype=torch.float32)
     with torch.no_grad():
         full, _ = torch_layer(x, is_causal=True, need_weights=False)
-        state = torch_layer.init_state(B)
-        assert state.kv.dtype == torch.float32
+        cache = torch_layer.init_cache(B)
+        assert cache.kv.dtype == torch.float32
         for t in range(x.shape[1]):
-            state, y_t = torch_layer.step(state, x[:, t])
-            np.testing.assert_allclose(y_t.numpy(), full[:, t].numpy(), atol=1e-5, rtol=1e-5)
+            cache, y_t = torch_layer.decode(cache, x[:, t : t + 1])
+            np.testing.assert_allclose(y_t[:, 0].numpy(), full[:, t].numpy(), atol=1e-5, rtol=1e-5)
         half = torch_layer.to(torch.bfloat16)
-        state = half.init_state(B)
-        assert state.kv.dtype == torch.float32  # the state accumulates in float32
-        state, y_t = half.step(state, x[:, 0].to(torch.bfloat16))
+        cache = half.init_cache(B)
+        assert cache.kv.dtype == torch.float32  # the state accumulates in float32
+        cache, y_t = half.decode(cache, x[:, :1].to(torch.bfloat16))
         assert y_t.dtype == torch.bfloat16
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), parity.torch_to_flax(torch_layer))
     flax_layer = FlaxLinear(E, H)
-    start = flax_layer.apply({"params": params}, B, method="init_state")
+    start = flax_layer.apply({"params": params}, B, method="init_cache")
     assert start.kv.dtype == jnp.float32
     _, y_t = flax_layer.apply(
-        {"params": params}, start, jnp.asarray(x[:, 0].numpy(), jnp.bfloat16), method="step"
+        {"params": params}, start, jnp.asarray(x[:, :1].numpy(), jnp.bfloat16), method="decode"
     )
     assert y_t.dtype == jnp.bfloat16
 
@@ -478,21 +478,24 @@ def test_invalid_configurations_raise_the_same_error(kwargs, message):
         attentions_jax.LinearSelfAttention(E, **kwargs)
 
 
-def test_invalid_step_calls_raise_the_same_error(rng):
+def test_invalid_decode_calls_raise_the_same_error(rng):
     torch_layer, flax_layer, params, _ = _pair(rng)
     variables = {"params": params}
-    message = r"expected x_t of shape \(B, input_dim\) = \(2, 16\) to match the state, got"
-    state = torch_layer.init_state(B)
-    start = flax_layer.apply(variables, B, method="init_state")
-    for bad in (np.zeros((3, E)), np.zeros((B, E + 1)), np.zeros((B, 1, E))):
+    cache = torch_layer.init_cache(B)
+    start = flax_layer.apply(variables, B, method="init_cache")
+    for bad, message in (
+        (np.zeros((3, 1, E)), "x holds 3 sequences but the cache holds B = 2"),
+        (np.zeros((B, 1, E + 1)), r"expected x of shape \(B, T, 16\), got \(2, 1, 17\)"),
+        (np.zeros((B, E)), r"expected x of shape \(B, T, 16\), got \(2, 16\)"),
+    ):
         with pytest.raises(ValueError, match=message):
-            torch_layer.step(state, torch.tensor(bad))
+            torch_layer.decode(cache, torch.tensor(bad))
         with pytest.raises(ValueError, match=message):
-            flax_layer.apply(variables, start, jnp.asarray(bad), method="step")
+            flax_layer.apply(variables, start, jnp.asarray(bad), method="decode")
     with pytest.raises(ValueError, match="batch must be a positive integer, got 0"):
-        torch_layer.init_state(0)
+        torch_layer.init_cache(0)
     with pytest.raises(ValueError, match="batch must be a positive integer, got 0"):
-        flax_layer.apply(variables, 0, method="init_state")
+        flax_layer.apply(variables, 0, method="init_cache")
 
 
 # ---------------------------------------------------------------- positions and keys S != L
