@@ -78,18 +78,24 @@ the passes over it (max, exp, sum, ``@ V``), and the products run on one large m
 """
 
 
-def query_chunk(keys: int) -> int:
+BACKWARD_PAIRS = 2**19
+"""``STEP_PAIRS`` of the backward pass, which holds about four ``(chunk, S)`` arrays per
+head where the forward holds one or two: smaller steps keep them in cache (at L = 2048 on
+CPU, 2**19 ran the backward about 1.2x faster than 2**21)."""
+
+
+def query_chunk(keys: int, pairs: int = STEP_PAIRS) -> int:
     """Queries per all-heads step of the fast path for ``keys`` keys."""
     chunk = QUERY_CHUNK
-    while chunk > 32 and chunk * keys > STEP_PAIRS // 4:
+    while chunk > 32 and chunk * keys > pairs // 4:
         chunk //= 2
     return chunk
 
 
-def unit_chunk(group: int, keys: int) -> int:
+def unit_chunk(group: int, keys: int, pairs: int = STEP_PAIRS) -> int:
     """Queries per one-group step of the fast path, ``G = group`` heads and ``keys`` keys."""
     chunk = UNIT_CHUNK
-    while chunk > 32 and group * chunk * keys > STEP_PAIRS:
+    while chunk > 32 and group * chunk * keys > pairs:
         chunk //= 2
     return chunk
 
@@ -337,8 +343,10 @@ def _batch_rows(rows: jax.Array, first: jax.Array, count: int) -> jax.Array:
     return rows if _is_one(rows.shape[0]) else lax.dynamic_slice_in_dim(rows, first, count, 0)
 
 
-def _plan(batch: int, kv_heads: int, group: int, length: int, keys: int) -> tuple[int, int, int]:
-    """``(nb, nk, chunk)``: batch elements, kv heads and queries per step (``STEP_PAIRS``).
+def _plan(
+    batch: int, kv_heads: int, group: int, length: int, keys: int, pairs: int = STEP_PAIRS
+) -> tuple[int, int, int]:
+    """``(nb, nk, chunk)``: batch elements, kv heads and queries per step (``pairs``).
 
     With a symbolic length (``jax.export``) sizes cannot be compared: one head group and
     ``SYMBOLIC_CHUNK`` queries per step. Batch and kv heads may be symbolic in either plan
@@ -346,11 +354,206 @@ def _plan(batch: int, kv_heads: int, group: int, length: int, keys: int) -> tupl
     """
     if not all(isinstance(size, int) for size in (group, length, keys)):
         return 1, 1, SYMBOLIC_CHUNK
-    if group * length * keys > STEP_PAIRS // 8:
-        nb, nk, chunk = 1, 1, unit_chunk(group, keys)
+    if group * length * keys > pairs // 8:
+        nb, nk, chunk = 1, 1, unit_chunk(group, keys, pairs)
     else:
-        nb, nk, chunk = batch, kv_heads, query_chunk(keys)
+        nb, nk, chunk = batch, kv_heads, query_chunk(keys, pairs)
     return nb, nk, min(chunk, length)
+
+
+class _Steps:
+    """The fast path's walk: ``units`` head groups (``nb`` batch elements, ``nk`` kv heads
+    and their ``nk·G`` query heads) times ``steps`` chunks of ``chunk`` queries, each step
+    against every key (see ``STEP_PAIRS``), and what a step reads of every operand.
+
+    Positions given as arrays are sliced per step (per batch element when ``(B, L)``); an
+    offset becomes ``iota`` arithmetic. The forward and the backward pass walk the same
+    steps, so what the backward recomputes is what the forward computed.
+    """
+
+    def __init__(
+        self, q: jax.Array, k: jax.Array, is_causal: bool, scale: float, pairs: int
+    ) -> None:
+        self.batch, self.heads, self.length, self.d_head = q.shape
+        self.kv_heads, self.keys = k.shape[1], k.shape[2]
+        self.group = self.heads // self.kv_heads
+        self.acc = _accumulation_dtype(q.dtype)
+        self.nb, self.nk, self.chunk = _plan(
+            self.batch, self.kv_heads, self.group, self.length, self.keys, pairs
+        )
+        self.steps = -(-self.length // self.chunk)
+        self.padded = self.steps * self.chunk
+        self.units = (self.batch // self.nb) * (self.kv_heads // self.nk)
+        self.is_causal, self.scale = is_causal, scale
+
+    def pad(self, x: jax.Array | None, fill) -> jax.Array | None:
+        """Pad the query axis (2) of a rank-4 operand (or ``(B|1, L)`` rows: axis 1)."""
+        if x is None:
+            return None
+        if x.ndim == 2:
+            return jnp.pad(x, ((0, 0), (0, self.padded - self.length)))
+        return _pad_queries(x, self.padded, fill)
+
+    def where(self, index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(first batch element, first kv head, first query)`` of step ``index``."""
+        unit, start = index // self.steps, index % self.steps * self.chunk
+        per_batch = self.kv_heads // self.nk
+        return unit // per_batch * self.nb, unit % per_batch * self.nk, start
+
+    def inputs(
+        self,
+        index: jax.Array,
+        q: jax.Array,
+        mask: jax.Array | None,
+        bias: jax.Array | None,
+        slopes: jax.Array | None,
+        query_positions: Positions,
+        key_rows: jax.Array,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
+        """Step ``index``'s queries ``(nb, nk·G, chunk, D)``, keep-mask, bias (with ALiBi)
+        and the distances ``|p - s|`` ALiBi's gradient needs (``None`` without ALiBi).
+        ``query_positions``: a start offset, or rows ``(B|1, padded)``."""
+        b, kv, start = self.where(index)
+        rows = (b, kv * self.group, start)
+        sizes = (self.nb, self.nk * self.group, self.chunk)
+        if _is_start(query_positions):
+            offset = query_positions
+            first = start if offset is None or _is_zero(offset) else offset + start
+            step_rows = _start_rows(first, self.chunk)
+        else:
+            batch_rows = _batch_rows(query_positions, b, self.nb)
+            step_rows = lax.dynamic_slice_in_dim(batch_rows, start, self.chunk, 1)
+        step_keys = _batch_rows(key_rows, b, self.nb)
+        keep = _step_slice(mask, rows, sizes)
+        if self.is_causal:
+            keep = combine_masks(keep, _causal(step_rows, step_keys))
+        step_slopes, distance = None, None
+        if slopes is not None:
+            step_slopes = lax.dynamic_slice_in_dim(slopes, kv * self.group, self.nk * self.group)
+            distance = jnp.abs(step_rows[:, None, :, None] - step_keys[:, None, None, :])
+        step_bias = _with_alibi(
+            _step_slice(bias, rows, sizes), step_slopes, step_rows, step_keys, self.acc
+        )
+        return self.queries(index, q), keep, step_bias, distance
+
+    def queries(self, index: jax.Array, x: jax.Array) -> jax.Array:
+        """Step ``index``'s part ``(nb, nk·G, chunk, ...)`` of a padded ``(B, H, L', ...)``
+        array (queries, outputs, their cotangents, log-sum-exps)."""
+        b, kv, start = self.where(index)
+        corner = (b, kv * self.group, start, *(0,) * (x.ndim - 3))
+        return lax.dynamic_slice(
+            x, corner, (self.nb, self.nk * self.group, self.chunk, *x.shape[3:])
+        )
+
+    def kv(self, index: jax.Array, x: jax.Array) -> jax.Array:
+        """Step ``index``'s keys or values ``(nb, nk, S, D)``."""
+        b, kv, _ = self.where(index)
+        return lax.dynamic_slice(x, (b, kv, 0, 0), (self.nb, self.nk, self.keys, x.shape[3]))
+
+    def merge(self, per_step: jax.Array) -> jax.Array:
+        """``(units·steps, nb, nk·G, chunk, X) -> (B, H, L, X)``."""
+        # -> (B/nb, K/nk, steps, nb, nk·G, chunk, X) -> (B/nb, nb, K/nk, nk·G, steps, chunk, X)
+        width = per_step.shape[-1]
+        out = per_step.reshape(
+            self.batch // self.nb,
+            self.kv_heads // self.nk,
+            self.steps,
+            self.nb,
+            self.nk * self.group,
+            self.chunk,
+            width,
+        )
+        out = out.transpose(0, 3, 1, 4, 2, 5, 6)
+        return out.reshape(self.batch, self.heads, self.padded, width)[:, :, : self.length]
+
+
+def _output_and_lse(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    keep: jax.Array | None,
+    bias: jax.Array | None,
+    scale: float,
+) -> tuple[jax.Array, jax.Array]:
+    """``_output`` and the log-sum-exp of each row's visible scores ``(B, H, L, 1)`` (the
+    row maximum for a row that sees nothing), which is all the backward pass keeps."""
+    scores = _scores(q, k, bias, scale)
+    if keep is not None:
+        scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
+    top = scores.max(axis=-1, keepdims=True)
+    unnormalized = jnp.exp(scores - top)
+    if keep is not None:
+        unnormalized = jnp.where(keep, unnormalized, 0.0)
+    total = jnp.maximum(unnormalized.sum(axis=-1, keepdims=True), 1.0)
+    out = _apply_weights(unnormalized, v) / total
+    return out, top + jnp.log(total)
+
+
+def _output(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    keep: jax.Array | None,
+    bias: jax.Array | None,
+    scale: float,
+) -> jax.Array:
+    """Attention output ``(B, H, L, D)`` in float32 or wider, normalizing after ``@ V``.
+
+    Dividing the ``(L, D)`` output instead of the ``(L, S)`` weights saves a pass over the
+    scores. The row maximum itself contributes ``exp(0) = 1``, so a row's sum is >= 1 when
+    it sees a key and exactly 0 when it sees none: ``maximum(sum, 1)`` gives those rows 0.
+    """
+    return _output_and_lse(q, k, v, keep, bias, scale)[0]
+
+
+def _step_gradients(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    keep: jax.Array | None,
+    bias: jax.Array | None,
+    distance: jax.Array | None,
+    scale: float,
+    out: jax.Array,
+    lse: jax.Array,
+    d_out: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """One step of FlashAttention-2's backward: ``(dq, dkᵀ, dvᵀ, d_slopes)`` for queries
+    ``(b, G·k, l, D)`` against keys ``(b, k, S, D)``, from the step's saved output and
+    log-sum-exp. ``dkᵀ``/``dvᵀ`` ``(b, k, D, S)`` are summed over the G query heads of
+    each kv head; ``d_slopes`` ``(G·k,)`` is the ALiBi slopes' gradient (``None`` without
+    ALiBi)."""
+    batch, heads, length, d_head = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    acc = out.dtype
+    scores = _scores(q, k, bias, scale)
+    if keep is not None:  # as in the forward: a blind row's scores and lse are both min
+        scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
+    weights = jnp.exp(scores - lse)
+    if keep is not None:
+        weights = jnp.where(keep, weights, 0.0)
+    grouped = (batch, kv_heads, heads // kv_heads, length)
+    d_out = d_out.astype(acc)
+    # dV and dK come out transposed, (B, K, D, S): the contraction then runs over the
+    # major axis of the (L, S) operand, which XLA's CPU dot takes as it is, where the
+    # (S, D) form made it copy a transposed (S, L) operand first
+    # (B, K, G, L, D) x (B, K, G, L, S) -> (B, K, D, S): the G heads of a kv head sum
+    d_v = jnp.einsum(
+        "bkgld,bkgls->bkds", d_out.reshape(*grouped, -1), weights.reshape(*grouped, keys)
+    )
+    d_weights = _scores(d_out, v, None, 1.0)  # dO Vᵀ, (B, H, L, S)
+    delta = jnp.sum(d_out * out, axis=-1, keepdims=True)
+    d_scores = weights * (d_weights - delta)
+    d_q = _apply_weights(d_scores, k) * scale
+    scaled_q = (q.astype(acc) * scale).reshape(*grouped, d_head)
+    d_k = jnp.einsum("bkgld,bkgls->bkds", scaled_q, d_scores.reshape(*grouped, keys))
+    d_slopes = None
+    if distance is not None:
+        # the bias is -m_h·|p - s|: d m_h = -sum over the step's rows of dS·|p - s|
+        d_slopes = -jnp.einsum(
+            "bhls,bhls->h", d_scores, jnp.broadcast_to(distance, d_scores.shape).astype(acc)
+        )
+    return d_q, d_k, d_v, d_slopes
 
 
 def _chunked_attention(
@@ -365,71 +568,101 @@ def _chunked_attention(
     query_positions: Positions,
     key_positions: Positions,
 ) -> jax.Array:
-    """Output ``(B, H, L, D)`` computed step by step, no weights kept (see ``STEP_PAIRS``).
+    """Output ``(B, H, L, D)`` in float32 or wider, computed step by step, no weights kept
+    (see ``STEP_PAIRS`` and ``_Steps``).
 
-    A step holds ``nb`` batch elements and ``nk`` kv heads (all of them, or one of each)
-    with their ``nk·G`` query heads, and ``chunk`` queries against every key. Positions
-    given as arrays are sliced per step (per batch element when ``(B, L)``); an offset
-    becomes ``iota`` arithmetic.
+    Differentiated, it keeps only q, k, v, the output and each query's log-sum-exp, and
+    its backward (``jax.custom_vjp``) walks the same steps again, recomputing each step's
+    scores (FlashAttention-2's backward; Rabe & Staats 2021 for the chunked form): memory
+    O(L·D + one step's scores) instead of every step's scores. With a ``bias`` of the
+    caller's (an ``(L, S)`` operand already), autodiff of the steps serves instead.
     """
-    batch, heads, length, d_head = q.shape
-    kv_heads, keys = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    acc = _accumulation_dtype(q.dtype)
+    batch = q.shape[0]
     if isinstance(batch, int) and batch == 0:
-        return jnp.zeros((*q.shape[:3], v.shape[-1]), acc)
-    nb, nk, chunk = _plan(batch, kv_heads, group, length, keys)
-    steps = -(-length // chunk)
-    padded = steps * chunk
-    units = (batch // nb) * (kv_heads // nk)
-    q = _pad_queries(q, padded, 0)
-    mask = _pad_queries(_as_rank4(mask), padded, False)
-    bias = _pad_queries(_as_rank4(bias), padded, 0)
+        return jnp.zeros((*q.shape[:3], v.shape[-1]), _accumulation_dtype(q.dtype))
+    acc = _accumulation_dtype(q.dtype)
     slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, acc)
-    query_rows = None
+    mask, bias = _as_rank4(mask), _as_rank4(bias)
     if not _is_start(query_positions):
-        # padded like the queries; the padded queries' rows are dropped
-        query_rows = _position_rows(query_positions, length)
-        query_rows = jnp.pad(query_rows, ((0, 0), (0, padded - length)))
-    key_rows = _position_rows(key_positions, keys)
+        query_positions = _position_rows(query_positions, q.shape[2])
+    key_rows = _position_rows(key_positions, k.shape[2])
 
-    def step(index: jax.Array) -> jax.Array:
-        unit, start = index // steps, index % steps * chunk
-        b, kv = unit // (kv_heads // nk) * nb, unit % (kv_heads // nk) * nk
-        rows = (b, kv * group, start)
-        sizes = (nb, nk * group, chunk)
-        if query_rows is None:
-            offset = query_positions
-            first = start if offset is None or _is_zero(offset) else offset + start
-            step_rows = _start_rows(first, chunk)
-        else:
-            step_rows = lax.dynamic_slice_in_dim(_batch_rows(query_rows, b, nb), start, chunk, 1)
-        step_keys = _batch_rows(key_rows, b, nb)
-        keep = _step_slice(mask, rows, sizes)
-        if is_causal:
-            keep = combine_masks(keep, _causal(step_rows, step_keys))
-        step_slopes = None
-        if slopes is not None:
-            step_slopes = lax.dynamic_slice_in_dim(slopes, kv * group, nk * group)
-        step_bias = _with_alibi(
-            _step_slice(bias, rows, sizes), step_slopes, step_rows, step_keys, acc
-        )
-        kv_index, kv_sizes = (b, kv, 0, 0), (nb, nk, keys, d_head)
-        return _output(
-            lax.dynamic_slice(q, (*rows, 0), (*sizes, d_head)),
-            lax.dynamic_slice(k, kv_index, kv_sizes),
-            lax.dynamic_slice(v, kv_index, kv_sizes),
-            keep,
-            step_bias,
-            scale,
-        )
+    def walk(plan: _Steps, mask, query_positions):
+        """The operands ``plan``'s steps read: mask and positions padded like the queries."""
+        if not _is_start(query_positions):
+            query_positions = plan.pad(query_positions, 0)
+        return plan.pad(mask, False), plan.pad(bias, 0), query_positions
 
-    # (units·steps, nb, nk·G, chunk, D) -> (B/nb, K/nk, steps, nb, nk·G, chunk, D)
-    # -> (B/nb, nb, K/nk, nk·G, steps, chunk, D) -> (B, H, steps·chunk, D)
-    out = lax.map(step, jnp.arange(units * steps))
-    out = out.reshape(batch // nb, kv_heads // nk, steps, nb, nk * group, chunk, d_head)
-    out = out.transpose(0, 3, 1, 4, 2, 5, 6).reshape(batch, heads, padded, d_head)
-    return out[:, :, :length]
+    def forward(q, k, v, slopes, mask, query_positions, key_rows):
+        """``(out (B, H, L, D), lse (B, H, L, 1))`` in float32 or wider."""
+        plan = _Steps(q, k, is_causal, scale, STEP_PAIRS)
+        step_mask, step_bias, step_positions = walk(plan, mask, query_positions)
+        padded_q = plan.pad(q, 0)
+
+        def step(index):
+            qs, keep, bias_s, _ = plan.inputs(
+                index, padded_q, step_mask, step_bias, slopes, step_positions, key_rows
+            )
+            ks, vs = plan.kv(index, k), plan.kv(index, v)
+            return _output_and_lse(qs, ks, vs, keep, bias_s, scale)
+
+        out, lse = lax.map(step, jnp.arange(plan.units * plan.steps))
+        return plan.merge(out), plan.merge(lse)
+
+    if bias is not None:
+        return forward(q, k, v, slopes, mask, query_positions, key_rows)[0]
+
+    @jax.custom_vjp
+    def attend(q, k, v, slopes, mask, query_positions, key_rows):
+        return forward(q, k, v, slopes, mask, query_positions, key_rows)[0]
+
+    def attend_forward(*operands):
+        out, lse = forward(*operands)
+        return out, (operands, out, lse)
+
+    def attend_backward(saved, d_out):
+        (q, k, v, slopes, mask, query_positions, key_rows), out, lse = saved
+        plan = _Steps(q, k, is_causal, scale, BACKWARD_PAIRS)
+        step_mask, step_bias, step_positions = walk(plan, mask, query_positions)
+        padded = [plan.pad(x, 0) for x in (q, out, lse, d_out)]
+
+        def step(carry, index):
+            d_k, d_v, d_slopes = carry
+            qs, keep, bias_s, distance = plan.inputs(
+                index, padded[0], step_mask, step_bias, slopes, step_positions, key_rows
+            )
+            outs, lses, d_outs = (plan.queries(index, x) for x in padded[1:])
+            ks, vs = plan.kv(index, k), plan.kv(index, v)
+            d_qs, d_ks, d_vs, d_ss = _step_gradients(
+                qs, ks, vs, keep, bias_s, distance, scale, outs, lses, d_outs
+            )
+            b, kv, _ = plan.where(index)
+            d_k = _add_at(d_k, d_ks, (b, kv))
+            d_v = _add_at(d_v, d_vs, (b, kv))
+            if d_ss is not None:
+                d_slopes = _add_at(d_slopes, d_ss, (kv * plan.group,))
+            return (d_k, d_v, d_slopes), d_qs
+
+        zeros = (  # dKᵀ, dVᵀ: (B, K, D, S)
+            jnp.zeros(k.swapaxes(2, 3).shape, plan.acc),
+            jnp.zeros(v.swapaxes(2, 3).shape, plan.acc),
+            None if slopes is None else jnp.zeros(slopes.shape, plan.acc),
+        )
+        (d_k, d_v, d_slopes), d_q = lax.scan(step, zeros, jnp.arange(plan.units * plan.steps))
+        d_q = plan.merge(d_q)
+        d_k, d_v = d_k.swapaxes(2, 3), d_v.swapaxes(2, 3)
+        d_slopes = None if slopes is None else d_slopes.astype(slopes.dtype)
+        nothing = (None, None, None)  # the mask and positions: not differentiable
+        return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_slopes, *nothing)
+
+    attend.defvjp(attend_forward, attend_backward)
+    return attend(q, k, v, slopes, mask, query_positions, key_rows)
+
+
+def _add_at(x: jax.Array, part: jax.Array, corner: tuple) -> jax.Array:
+    """``x`` with ``part`` added to its block at ``corner`` (in place inside a scan)."""
+    corner = (*corner, *(0,) * (x.ndim - len(corner)))
+    return lax.dynamic_update_slice(x, lax.dynamic_slice(x, corner, part.shape) + part, corner)
 
 
 def dot_product_attention(
