@@ -279,6 +279,12 @@ def _write(buffer: jax.Array, new: jax.Array, slots: jax.Array, writable: jax.Ar
     batch, _, size, _ = buffer.shape
     rows = jnp.arange(batch)[:, None]
     slots = jnp.where(writable, slots, size)
+    if slots.shape[1] == 1:
+        # one token: XLA turns a one-index scatter into a dynamic-update-slice, which it
+        # then copies the whole buffer around for (2-6x slower steps); a second, dropped
+        # index keeps it a scatter, done in place
+        slots = jnp.concatenate((slots, jnp.full_like(slots, size)), axis=1)
+        new = jnp.concatenate((new, new), axis=2)
     # buffer[rows, :, slots] is (B, T, K, D): the indexed axes first, then the sliced ones
     return buffer.at[rows, :, slots].set(
         new.transpose(0, 2, 1, 3).astype(buffer.dtype), mode="drop"

@@ -606,7 +606,13 @@ def _chunked_attention(
             ks, vs = plan.kv(index, k), plan.kv(index, v)
             return _output_and_lse(qs, ks, vs, keep, bias_s, scale)
 
-        out, lse = lax.map(step, jnp.arange(plan.units * plan.steps))
+        count = plan.units * plan.steps
+        if isinstance(count, int) and count == 1:
+            # one step (a decoding step, small problems): no loop, whose state would copy
+            # the keys and values in
+            out, lse = (x[None] for x in step(jnp.asarray(0)))
+        else:
+            out, lse = lax.map(step, jnp.arange(count))
         return plan.merge(out), plan.merge(lse)
 
     if bias is not None:

@@ -23,12 +23,14 @@ from parity.bench import (
     useful_flops,
     visible_pairs,
 )
+from parity.bench import decode as bench_decode
 from parity.bench import targets as bench_targets
 from parity.bench.cases import alibi_slopes
+from parity.bench.decode import QUICK_DECODE_SIZES, bytes_per_token, decode_checks, step_cell
 from parity.bench.measure import peak_cuda_growth, peak_rss_growth, time_interleaved
 from parity.bench.plan import bench_size, reference_pattern
 from parity.bench.report import format_checks
-from parity.bench.runner import Bench, Planner
+from parity.bench.runner import Bench, Measurement, Planner
 from parity.bench.targets import Check, failures
 from parity.mechanisms import MECHANISMS, Mechanism, by_name
 from tests.reference import softmax_attention
@@ -448,3 +450,196 @@ def test_jax_on_gpu(tmp_path):
     for mode in ("fwd", "fwdbwd"):
         assert row[mode]["status"] == "ok"
         assert row[mode]["memory_method"] == "xla"
+
+
+def _decode_run(tmp_path, *extra: str) -> tuple[dict, str]:
+    argv = ["--decode", "--quick", "--repeats", "1", "--budget", "0", "--no-progress"]
+    argv += ["--json", str(tmp_path / "decode.json"), *extra]
+    args = parse_args(argv)
+    args.argv = argv
+    with open(tmp_path / "out.txt", "w") as out:
+        run(args, out=out)
+    return json.loads((tmp_path / "decode.json").read_text()), (tmp_path / "out.txt").read_text()
+
+
+def _kv_cache_bytes(kv_heads: int, d_head: int, length: int) -> int:
+    """keys and values (1, K, S + 1, D) float32 and lengths (1,) int32."""
+    return 2 * kv_heads * (length + 1) * d_head * 4 + 4
+
+
+def test_quick_decode_run_writes_json_a_plot_and_the_targets(tmp_path):
+    names = ("multi_head", "grouped", "local")
+    selection = [arg for name in names for arg in ("--mechanism", name)]
+    payload, printed = _decode_run(
+        tmp_path, *selection, "--lengths", "32,256", "--plot", str(tmp_path)
+    )
+    assert {"command", "machine", "config", "measurements", "rows", "targets"} <= set(payload)
+    assert payload["config"]["decode"] and payload["config"]["d_model"] == 64
+    assert (tmp_path / "bench_decode.png").stat().st_size > 0
+    assert "step time (ms) and cache size (MiB)" in printed
+    assert "decoding targets (quick sizes" in printed
+
+    rows = {(row["mechanism"], row["framework"], row["length"]): row for row in payload["rows"]}
+    assert list(rows) == [(n, fw, s) for n in names for fw in ("torch", "jax") for s in (32, 256)]
+    for framework in ("torch", "jax"):
+        for length in (32, 256):
+            dense, grouped = (
+                rows["multi_head", framework, length],
+                rows["grouped", framework, length],
+            )
+            assert dense["status"] == grouped["status"] == "ok"
+            assert dense["ms"] > 0 and grouped["ms"] > 0
+            assert dense["cache_bytes"] == _kv_cache_bytes(8, 8, length)
+            assert grouped["cache_bytes"] == _kv_cache_bytes(2, 8, length)
+            assert (dense["compile_s"] is not None) == (framework == "jax")
+        local = [rows["local", framework, length] for length in (32, 256)]
+        assert {row["status"] for row in local} <= {"ok", "missing"}  # until local decodes
+        if local[0]["status"] == "ok":
+            assert local[0]["cache_bytes"] == local[1]["cache_bytes"]
+
+    targets = {(t["label"], t["framework"]): t for t in payload["targets"]}
+    measurements = payload["measurements"]
+    for framework in ("torch", "jax"):
+        speedup = targets["multi_head S=128", framework]
+        forward = _find(measurements, subject="layer", framework=framework, case="multi_head")
+        step = _find(
+            measurements, subject="step", framework=framework, case="multi_head", tag=forward["tag"]
+        )
+        assert forward["is_causal"] and step["length"] == 128
+        assert speedup["value"] == pytest.approx(forward["median_s"] / step["median_s"])
+        assert speedup["goal"] == 100.0 and targets["grouped S=128", framework]["goal"] is None
+        memory = targets["multi_head cache S=32->256", framework]
+        assert (memory["value"], memory["status"]) == (2 * 8 * 8 * 4, "met")
+        assert targets["grouped / multi_head (K/H = 2/8)", framework]["value"] == 0.25
+        assert ("local S=32->256", framework) in targets
+    parity = targets["multi_head S=64", "jax"]
+    assert parity["goal"] == 2.0 and parity["status"] in ("met", "missed")
+    assert ("vanilla S=64", "jax") not in targets  # not selected
+
+
+class _MadeUp:
+    """A bench answering every cell at once with made-up times and cache sizes."""
+
+    def __init__(self, seconds, cache_bytes) -> None:
+        self.seconds = seconds
+        self.cache_bytes = cache_bytes
+
+    def measure_group(self, cells):
+        return [
+            Measurement(
+                cell, "ok", times_s=[self.seconds(cell)], cache_bytes=self.cache_bytes(cell)
+            )
+            for cell in cells
+        ]
+
+
+def test_decode_target_arithmetic_on_made_up_measurements():
+    sizes = QUICK_DECODE_SIZES  # dense 128, flat 32 -> 256, parity 64, d_model 64
+
+    def seconds(cell):
+        if cell.subject == "layer":  # the full forward: 50x a dense step
+            return 0.050
+        if cell.case == "block":  # 1 ms at S=32, 2 ms at S=256: not flat
+            return 0.001 * (2 if cell.length == 256 else 1)
+        if cell.case == "local":
+            return 0.001 * (1.2 if cell.length == 256 else 1)
+        if cell.case == "linear" and cell.framework == "jax":
+            return 0.003  # 3x the PyTorch step
+        return 0.001
+
+    def cache_bytes(cell):
+        per_token = bytes_per_token(by_name(cell.case), sizes.d_model)
+        return 100 + per_token * cell.length * (2 if cell.case == "dilated" else 1)
+
+    found = {(c.label, c.framework): c for c in decode_checks(_MadeUp(seconds, cache_bytes), sizes)}
+    for framework in ("torch", "jax"):
+        dense = found["multi_head S=128", framework]
+        assert (dense.value, dense.goal, dense.status) == (pytest.approx(50.0), 100.0, "missed")
+        assert dense.detail == "50.0 ms / 1.0 ms"
+        assert found["alibi S=128", framework].status == "info"
+        local, block = found["local S=32->256", framework], found["block S=32->256", framework]
+        assert (local.value, local.status) == (pytest.approx(1.2), "met")
+        assert (block.value, block.status) == (pytest.approx(2.0), "missed")
+        dilated = found["dilated cache S=32->256", framework]
+        assert (dilated.value, dilated.goal, dilated.status) == (1024.0, 512, "missed")
+        assert found["multi_head cache S=32->256", framework].value == 512.0
+        assert found["grouped cache S=32->256", framework].value == 128.0
+        for name in ("local", "block", "linear"):
+            memory = found[f"{name} cache S=32->256", framework]
+            assert (memory.value, memory.goal, memory.status) == (0.0, 0, "met")
+        share = found["grouped / multi_head (K/H = 2/8)", framework]
+        assert (share.value, share.status) == (0.25, "met")
+    assert (found["linear S=64", "jax"].value, found["linear S=64", "jax"].status) == (
+        pytest.approx(3.0),
+        "missed",
+    )
+    assert found["multi_head S=64", "jax"].status == "met"
+    assert {c.status for c in failures(list(found.values()))} == {"missed"}
+
+
+def test_a_missed_decode_target_fails_the_check(monkeypatch, capsys):
+    monkeypatch.setattr(bench_decode, "DENSE_SPEEDUP", 1e12)
+    argv = ["--decode", "--quick", "--targets-only", "--mechanism", "multi_head"]
+    argv += ["--framework", "torch", "--repeats", "1", "--budget", "0", "--no-progress"]
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    failed = printed[printed.index("check failed") :]
+    assert "full causal forward of S + 1 tokens / one step" in failed
+    assert "[torch] multi_head S=128: " in failed
+    assert "goal >= 1e+12x (missed" in failed
+
+
+def test_decode_command_line(capsys):
+    args = parse_args(["--decode"])
+    assert args.decode and args.repeats == 50 and args.lengths is None
+    assert parse_args(["--decode", "--quick"]).d_model == 64
+    plain = parse_args([])
+    assert (plain.modes, plain.refs, plain.scope, plain.repeats) == (
+        ["fwd", "fwdbwd"],
+        ["same", "dense"],
+        "layer",
+        5,
+    )
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--decode", "--causal", "--modes", "fwd"])
+    assert stopped.value.code == 2
+    assert "--decode times one step of T = 1 token: --modes, --causal do not apply" in (
+        capsys.readouterr().err
+    )
+
+
+def test_bytes_per_token_follows_the_cache_layout():
+    assert [bytes_per_token(m, 512) for m in MECHANISMS] == [
+        2 * 1 * 512 * 4,  # vanilla: one head of width 512
+        2 * 8 * 64 * 4,  # multi_head
+        2 * 2 * 64 * 4,  # grouped: K = 2 kv heads
+        *[2 * 8 * 64 * 4] * 2,  # alibi, rotary
+        0,  # local: a ring buffer
+        2 * 8 * 64 * 4,  # dilated: every key
+        0,  # block: the current block
+        0,  # linear: its state
+    ]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_a_step_workload_decodes_position_s_on_every_call(framework):
+    """max_length is S + 1, so only the reset of ``lengths`` lets a step run again."""
+    runs = torch_runs if framework == "torch" else jax_runs
+    workload = runs.build(by_name("grouped"), step_cell("grouped", framework, 8, d_model=32))
+    outs = [_output_on_host(workload) for _ in range(3)]
+    assert outs[0].shape == (1, 1, 32) and np.isfinite(outs[0]).all()
+    assert np.array_equal(outs[0], outs[2])  # the same position, the same contents
+    assert workload.cache_bytes == 2 * 2 * 9 * 4 * 4 + 4  # K = 2, S + 1 = 9, D = 4
+
+
+def test_a_layer_that_cannot_decode_yet_is_reported_missing(monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise ValueError("decoding with a cache is not available for Ghost yet")
+
+    monkeypatch.setattr(attentions_torch.MultiHeadSelfAttention, "init_cache", refuse)
+    cell = step_cell("multi_head", "torch", 8, d_model=32)
+    measured = Bench(repeats=1, budget_s=0.0, max_bytes=2**30).measure(cell)
+    assert (measured.status, measured.note) == (
+        "missing",
+        "decoding with a cache is not available for Ghost yet",
+    )

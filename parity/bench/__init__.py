@@ -9,6 +9,10 @@ the mechanism's own mask or bias. Then it checks the speed targets as ratios;
 ``--check`` (implied by ``--targets-only``) exits 1 when one is missed. ``--device`` runs
 it on a GPU or TPU (``parity.devices``).
 
+``--decode`` switches the whole run to decoding (``parity.bench.decode``): the time of one
+step of T = 1 new token against caches of S tokens, the caches' sizes, and the decoding
+targets.
+
 The mechanisms are the rows of ``parity.mechanisms.MECHANISMS`` at their ``bench_kwargs``
 size; a class a package lacks is reported "not available yet" and skipped.
 """

@@ -15,6 +15,14 @@ from tqdm import tqdm
 
 from .. import devices
 from ..mechanisms import MECHANISMS, by_name
+from .decode import (
+    DECODE_SIZES,
+    QUICK_DECODE_SIZES,
+    decode_checks,
+    decode_sweep,
+    format_decode_rows,
+    plot_decode,
+)
 from .measure import machine_description
 from .plan import MODES, SCOPES, Cell
 from .report import format_checks, format_rows, plot, sweep
@@ -25,6 +33,8 @@ __all__ = ["exit_code", "main", "parse_args", "run"]
 
 QUICK_LENGTHS = (64, 128)
 REFERENCES = ("same", "dense")
+FORWARD_ONLY = ("modes", "refs", "scope", "causal")
+"""Options of the forward sweep that mean nothing to ``--decode``."""
 
 
 def _list(kind, choices=None):
@@ -41,7 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m parity.bench",
         description="Time, memory and useful GFLOP/s of every mechanism in PyTorch and JAX, "
-        "side by side with the fused references, and the speed targets of the README.",
+        "side by side with the fused references, and the speed targets of the README; "
+        "with --decode, the time of one decoding step against the cache's length instead.",
+    )
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="time one decoding step (T = 1 new token) against caches of S tokens, and "
+        "measure the caches, instead of the forward sweep; --lengths are then the S "
+        "(default 1k, 4k, 8k, 16k; quick: 32..256) and the decoding targets replace the "
+        "forward ones (parity.bench.decode)",
     )
     names = [mechanism.name for mechanism in MECHANISMS]
     parser.add_argument(
@@ -63,31 +82,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lengths",
         type=_list(int),
-        help="comma list of L for every mechanism (default: 256..4096 dense, ..16384 others)",
+        help="comma list of L for every mechanism (default: 256..4096 dense, ..16384 others); "
+        "with --decode, of cache lengths S",
     )
     parser.add_argument(
         "--modes",
         type=_list(str, MODES),
-        default=list(MODES),
         help="comma list of fwd (forward) and fwdbwd (forward+backward); default: both",
     )
     parser.add_argument(
         "--refs",
         type=_list(str, REFERENCES),
-        default=list(REFERENCES),
         help="fused references to time beside each layer: same (the mechanism's own mask, "
         "bias or RoPE), dense (no mask); an empty string for none",
     )
     parser.add_argument(
         "--scope",
         choices=SCOPES,
-        default="layer",
         help="layer: the whole layer from x (default); core: attention alone on q, k, v",
     )
     parser.add_argument("--causal", action="store_true", help="sweep with is_causal=True")
     parser.add_argument("--d-model", type=int, default=None, help="default 512 (quick: 64)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 5)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls (default 5; --decode: 50)"
+    )
     parser.add_argument(
         "--budget",
         type=float,
@@ -118,9 +137,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.check = args.check or args.targets_only
     if args.check and args.no_targets:
         parser.error("--check needs the targets: drop --no-targets")
+    given = [f"--{name}" for name in FORWARD_ONLY if getattr(args, name) not in (None, False)]
+    if args.decode and given:
+        parser.error(f"--decode times one step of T = 1 token: {', '.join(given)} do not apply")
+    args.modes = args.modes if args.modes is not None else list(MODES)
+    args.refs = args.refs if args.refs is not None else list(REFERENCES)
+    args.scope = args.scope or "layer"
     _choose_frameworks(parser, args)
     args.d_model = args.d_model or (64 if args.quick else 512)
-    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.repeats = args.repeats or (2 if args.quick else 5) * (10 if args.decode else 1)
     args.budget = args.budget if args.budget is not None else (1.0 if args.quick else 10.0)
     return args
 
@@ -166,6 +191,8 @@ def _report(bench, args) -> tuple[dict[str, float | None], list[dict], list]:
         [Cell("multi_head", fw, "matmul", "core", sizes.matmul, "fwd") for fw in args.framework]
     )
     rates = {m.cell.framework: m.gflops for m in matmuls}
+    if args.decode:
+        return (rates, *_decode_report(bench, args))
     rows, found = [], []
     if not args.targets_only:
 
@@ -189,6 +216,24 @@ def _report(bench, args) -> tuple[dict[str, float | None], list[dict], list]:
     return rates, rows, found
 
 
+def _decode_report(bench, args) -> tuple[list[dict], list]:
+    """The decode sweep's rows and the decoding checks, asking ``bench`` for them."""
+    sizes = replace(QUICK_DECODE_SIZES if args.quick else DECODE_SIZES, d_model=args.d_model)
+    rows, found = [], []
+    if not args.targets_only:
+        rows = decode_sweep(
+            bench,
+            [by_name(name) for name in args.mechanism],
+            args.framework,
+            args.lengths or sizes.lengths,
+            d_model=args.d_model,
+            batch=args.batch,
+        )
+    if not args.no_targets:
+        found = decode_checks(bench, sizes)
+    return rows, found
+
+
 def _load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.1f} {five:.1f} {fifteen:.1f}"
@@ -196,13 +241,23 @@ def _load() -> str:
 
 def _header(machine: dict, rates: dict, args: argparse.Namespace) -> str:
     matmul = ", ".join(f"{fw} {rate:.1f} GFLOP/s" for fw, rate in rates.items() if rate)
-    scope = "whole layer from x" if args.scope == "layer" else "attention core on q, k, v"
-    return (
+    first = (
         f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), jax {machine['jax']}; fp32 matmul "
         f"{machine['matmul_size']}x{machine['matmul_size']}: {matmul}; load average "
         f"(1/5/15 min) {machine['load_before']} before, {machine['load_after']} after\n"
-        f"B={args.batch}, d_model={args.d_model}, fp32, {scope}, "
+    )
+    if args.decode:
+        return (
+            first + f"decode: B={args.batch}, T=1 new token per step, d_model={args.d_model}, "
+            "fp32; a cache of S tokens (random contents, max_length S + 1, lengths set back to "
+            "S before every call); PyTorch eager under inference_mode, JAX jitted with the "
+            f"cache donated; median of up to {args.repeats} calls after a warm-up; cache MiB: "
+            "the sum of its fields' nbytes" + _accelerator(machine)
+        )
+    scope = "whole layer from x" if args.scope == "layer" else "attention core on q, k, v"
+    return (
+        first + f"B={args.batch}, d_model={args.d_model}, fp32, {scope}, "
         f"{'causal' if args.causal else 'non-causal'}; median of up to {args.repeats} calls "
         f"after a warm-up; xsame / xdense = fused reference time / library time"
         + _accelerator(machine)
@@ -246,10 +301,12 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict:
     }
 
     print(_header(machine, rates, args), file=out)
-    if rows:
+    if rows and args.decode:
+        print(format_decode_rows(rows), file=out)
+    elif rows:
         print(format_rows(rows, args.modes, args.refs), file=out)
     if found:
-        title = "targets" + (
+        title = ("decoding targets" if args.decode else "targets") + (
             " (quick sizes: not the sizes the goals are stated at)" if args.quick else ""
         )
         print(f"\n{title}\n{format_checks(found)}", file=out)
@@ -269,7 +326,10 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict:
         "elapsed_s": elapsed,
     }
     if args.plot and rows:
-        written = plot(rows, args.framework, args.modes, args.refs, args.plot)
+        if args.decode:
+            written = [path for path in [plot_decode(rows, args.plot)] if path]
+        else:
+            written = plot(rows, args.framework, args.modes, args.refs, args.plot)
         print("plots: " + ", ".join(str(path) for path in written), file=out)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,12 @@ Each builder compiles ahead of time (``jax.jit(f).lower(...).compile()``), so th
 time is measured on its own and the timed calls run the compiled executable; the
 executable's ``memory_analysis()`` gives the bytes it allocates (temporaries + outputs).
 Forward+backward is ``jax.grad`` of ``<out, cotangent>`` into the inputs and every
-parameter. The references reuse the layer's own parameters, and masks or biases are
-arguments (not constants folded into the program). Everything is made under
-``jax.default_device(device)`` and the arguments are committed there with
-``jax.device_put``, so the program compiles for, and runs on, the run's device (CPU, GPU
-or TPU); ``run()`` blocks until the result is ready.
+parameter; a decoding step is the layer's ``decode`` jitted with its cache donated. The
+references reuse the layer's own parameters, and masks or biases are arguments (not
+constants folded into the program). Everything is made under ``jax.default_device(device)``
+and the arguments are committed there with ``jax.device_put``, so the program compiles
+for, and runs on, the run's device (CPU, GPU or TPU); ``run()`` blocks until the result is
+ready.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ import attentions_jax
 
 from ..mechanisms import Mechanism
 from .cases import alibi_slopes
-from .plan import Cell, Workload, bench_heads, bench_size, layer_kwargs, reference_pattern
+from .plan import (
+    Cell,
+    Workload,
+    bench_heads,
+    bench_size,
+    layer_kwargs,
+    reference_pattern,
+    refusing_not_available,
+)
 
 __all__ = ["build", "reference_mask"]
 
@@ -190,10 +199,58 @@ def _arguments(mechanism: Mechanism, cell: Cell) -> tuple[Callable, tuple, tuple
     return jax.grad(loss), (diff, const, cotangent), (*diff, *const)
 
 
+def _filled_cache(cache: tuple, length: int, key: jax.Array) -> tuple:
+    """``cache`` as if it held ``length`` tokens: every floating field random and positive
+    (linear attention's state divides by its ``k_sum``), ``lengths`` = ``length``."""
+    keys = jax.random.split(key, len(cache))
+    fields = {
+        name: jnp.abs(jax.random.normal(subkey, value.shape, value.dtype))
+        for name, value, subkey in zip(cache._fields, cache, keys, strict=True)
+        if jnp.issubdtype(value.dtype, jnp.floating)
+    }
+    return cache._replace(**fields, lengths=jnp.full_like(cache.lengths, length))
+
+
+def _decode_step(mechanism: Mechanism, cell: Cell, device: jax.Device) -> Workload:
+    """One jitted ``decode`` of T = 1 token against a cache holding ``cell.length`` tokens.
+
+    The cache is donated and the returned one fed to the next call, as in a generation
+    loop (without donation XLA would copy the whole cache every step). ``max_length`` is
+    L + 1; the program first sets ``lengths`` back to L, so every call decodes position L
+    and ``run()`` may be called any number of times.
+    """
+    with jax.default_device(device):
+        layer, variables = _init(mechanism, cell)
+        cache = refusing_not_available(
+            lambda: layer.apply(variables, cell.batch, cell.length + 1, method="init_cache")
+        )
+        cache = _filled_cache(cache, cell.length, jax.random.key(1))
+        x = _normal(jax.random.key(2), (cell.batch, 1, cell.d_model))
+        variables, cache, x = jax.device_put((variables, cache, x), device)
+
+        def step(variables, cache, x):
+            cache = cache._replace(lengths=jnp.full_like(cache.lengths, cell.length))
+            return layer.apply(variables, cache, x, method="decode")
+
+        start = time.perf_counter()
+        compiled = jax.jit(step, donate_argnums=1).lower(variables, cache, x).compile()
+        compile_s = time.perf_counter() - start
+    state = [cache]
+
+    def run() -> object:
+        state[0], out = compiled(variables, state[0], x)
+        return jax.block_until_ready((state[0], out))[1]
+
+    cache_bytes = sum(field.nbytes for field in cache)
+    return Workload(run, (x,), compile_s=compile_s, cache_bytes=cache_bytes)
+
+
 def build(mechanism: Mechanism, cell: Cell, device: jax.Device | None = None) -> Workload:
     """Compile the cell's program for ``device`` (default: the first CPU) ahead of time and
     return its timed call."""
     device = device or jax.devices("cpu")[0]
+    if cell.subject == "step":
+        return _decode_step(mechanism, cell, device)
     with jax.default_device(device):
         program, args, inputs = _arguments(mechanism, cell)
         args = jax.device_put(args, device)

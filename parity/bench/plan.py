@@ -9,6 +9,9 @@ Subjects:
   mechanism's keep pattern as a boolean mask, ALiBi as a float bias, RoPE on q and k.
 * ``"dense"``: the same fused kernel with no mask: plain dense attention.
 * ``"matmul"``: an ``L×L`` by ``L×L`` float32 matmul, this machine's reference rate.
+* ``"step"``: one decoding step (``python -m parity.bench --decode``): the layer's
+  ``decode`` of T = 1 new token against a cache already holding ``L`` tokens
+  (``parity.bench.decode``).
 
 Scopes: ``"layer"`` times the whole layer from ``x`` (the references do the same
 projections by hand with the layer's weights, so projection cost is on both sides);
@@ -30,16 +33,18 @@ __all__ = [
     "SCOPES",
     "SUBJECTS",
     "Cell",
+    "NotAvailableYetError",
     "Workload",
     "bench_heads",
     "bench_size",
     "estimated_bytes",
     "layer_kwargs",
     "reference_pattern",
+    "refusing_not_available",
     "useful_flops",
 ]
 
-SUBJECTS = ("layer", "weights", "same", "dense", "matmul")
+SUBJECTS = ("layer", "weights", "same", "dense", "matmul", "step")
 SCOPES = ("layer", "core")
 MODES = ("fwd", "fwdbwd")
 
@@ -84,7 +89,7 @@ class Cell:
         sizes = (self.scope, self.length, self.mode, self.is_causal, self.d_model, self.batch)
         if self.subject == "matmul":
             return (self.tag, self.framework, "matmul", self.length)
-        if self.subject in ("layer", "weights"):
+        if self.subject in ("layer", "weights", "step"):
             return (self.tag, self.framework, self.subject, mechanism.name, *sizes)
         pattern = reference_pattern(mechanism, self.subject, self.scope)
         size = bench_size(mechanism) if pattern in ("local", "dilated", "block") else 0
@@ -110,12 +115,30 @@ class Workload:
 
     ``run()`` returns only once the device has finished the call (``torch.cuda.synchronize``,
     ``jax.block_until_ready``), so a wall clock around it times the work, not its launch.
+    ``cache_bytes``: a decoding step's cache, the sum of its fields' ``nbytes``.
     """
 
     run: Callable[[], object]
     inputs: tuple = ()
     compile_s: float | None = None
     xla_bytes: int | None = None
+    cache_bytes: int | None = None
+
+
+class NotAvailableYetError(Exception):
+    """The layer exists but refuses the cell for now (its ``init_cache`` says decoding is
+    "not available" for it yet); the runner reports it as ``"missing"``, not as an error."""
+
+
+def refusing_not_available(make: Callable[[], Any]) -> Any:
+    """``make()``; a ``ValueError`` saying "not available" is raised as
+    ``NotAvailableYetError``."""
+    try:
+        return make()
+    except ValueError as error:
+        if "not available" in str(error):
+            raise NotAvailableYetError(str(error)) from error
+        raise
 
 
 def reference_pattern(mechanism: Mechanism, subject: str, scope: str) -> str | None:
@@ -144,6 +167,8 @@ def useful_flops(mechanism: Mechanism, cell: Cell) -> float | None:
     """
     if cell.subject == "matmul":
         return 2.0 * cell.length**3
+    if cell.subject == "step":
+        return None  # a step reads its cache: bytes, not FLOPs, set its time
     heads, kv_heads, d_head, batch = _shape(mechanism, cell)
     length, width = cell.length, cell.d_model
     pattern = mechanism.pattern if cell.subject in ("layer", "weights") else None
@@ -171,7 +196,7 @@ def estimated_bytes(mechanism: Mechanism, cell: Cell) -> int:
     fused CPU kernel holds none, but its mask or ALiBi bias is ``L×L``; the JAX dense fast
     path saves its ``(B, H, L, L)`` scores for the backward pass.
     """
-    if cell.subject == "matmul":
+    if cell.subject in ("matmul", "step"):
         return 0
     heads, _, _, batch = _shape(mechanism, cell)
     scores = 4 * batch * heads * cell.length * cell.length

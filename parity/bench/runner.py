@@ -17,7 +17,7 @@ from .. import devices
 from ..mechanisms import Mechanism, by_name
 from . import jax_runs, torch_runs
 from .measure import Meter, peak_cuda_growth, peak_rss_growth, time_interleaved
-from .plan import Cell, estimated_bytes, reference_pattern, useful_flops
+from .plan import Cell, NotAvailableYetError, estimated_bytes, reference_pattern, useful_flops
 
 __all__ = ["Bench", "Measurement", "Planner"]
 
@@ -28,10 +28,10 @@ _RUNS = {"torch": torch_runs, "jax": jax_runs}
 class Measurement:
     """The outcome of one cell.
 
-    ``status``: ``"ok"``; ``"missing"`` (the class is not in that package yet); ``"n/a"``
-    (no fused kernel computes this mechanism); ``"skipped"`` (over the memory budget);
-    ``"error"``; ``"planned"`` (a ``Planner`` placeholder); ``"unselected"`` (left out by
-    ``--mechanism``/``--framework``).
+    ``status``: ``"ok"``; ``"missing"`` (the class is not in that package yet, or it does
+    not decode with a cache yet); ``"n/a"`` (no fused kernel computes this mechanism);
+    ``"skipped"`` (over the memory budget); ``"error"``; ``"planned"`` (a ``Planner``
+    placeholder); ``"unselected"`` (left out by ``--mechanism``/``--framework``).
     """
 
     cell: Cell
@@ -43,6 +43,7 @@ class Measurement:
     peak_bytes: int | None = None
     memory_method: str | None = None
     flops: float | None = None
+    cache_bytes: int | None = None
 
     @property
     def median_s(self) -> float | None:
@@ -68,6 +69,7 @@ class Measurement:
             "memory_method": self.memory_method,
             "useful_flops": self.flops,
             "useful_gflops": self.gflops,
+            "cache_bytes": self.cache_bytes,
         }
 
 
@@ -137,9 +139,14 @@ class Bench:
             self._devices.update(devices.require(self.device, [framework]))
         return self._devices[framework]
 
-    def _meter(self, framework: str) -> tuple[Meter | None, str]:
-        """How a framework's peak memory is measured here, and the method's name."""
-        if framework == "jax":
+    def _meter(self, cell: Cell) -> tuple[Meter | None, str | None]:
+        """How a cell's peak memory is measured here, and the method's name.
+
+        A decoding step's memory is its cache (``cache_bytes``), so it has no meter.
+        """
+        if cell.subject == "step":
+            return None, None
+        if cell.framework == "jax":
             return None, "xla"
         if self.device == "cpu":
             return peak_rss_growth, "rss"
@@ -179,13 +186,16 @@ class Bench:
             device = self.framework_device(cell.framework)
             try:
                 workload = _RUNS[cell.framework].build(mechanism, cell, device)
+            except NotAvailableYetError as error:
+                self.results[key] = Measurement(cell, "missing", str(error))
+                continue
             except Exception as error:  # a mechanism still in the making must not stop the run
                 self.results[key] = _failed(cell, error)
                 continue
             ready.append((key, mechanism, cell, workload))
         if not ready:
             return
-        meters = [self._meter(cell.framework) for _, _, cell, _ in ready]
+        meters = [self._meter(cell) for _, _, cell, _ in ready]
         outcomes = time_interleaved(
             [workload.run for *_, workload in ready],
             self.repeats,
@@ -207,6 +217,7 @@ class Bench:
                 peak_bytes=workload.xla_bytes if meter is None else timing.peak_bytes,
                 memory_method=method,
                 flops=useful_flops(mechanism, cell),
+                cache_bytes=workload.cache_bytes,
             )
 
     def measurements(self) -> list[Measurement]:

@@ -2,10 +2,11 @@
 
 Each builder returns a ``Workload`` whose ``run()`` makes one call (forward under
 ``torch.no_grad()``, or forward plus ``backward`` of a fixed cotangent into the inputs and
-every weight). The references reuse the layer's own weights, so both sides multiply the
-same matrices. Inputs, weights and masks are made on the CPU (the same numbers on every
-device) and moved to the run's device; on CUDA ``run()`` ends with
-``torch.cuda.synchronize()``, since kernels are launched asynchronously.
+every weight, or one decoding step under ``torch.inference_mode()``). The references
+reuse the layer's own weights, so both sides multiply the same matrices. Inputs, weights
+and masks are made on the CPU (the same numbers on every device) and moved to the run's
+device; on CUDA ``run()`` ends with ``torch.cuda.synchronize()``, since kernels are
+launched asynchronously.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import attentions_torch
 
 from ..mechanisms import Mechanism
 from .cases import alibi_slopes
-from .plan import Cell, Workload, bench_heads, bench_size, layer_kwargs, reference_pattern
+from .plan import (
+    Cell,
+    Workload,
+    bench_heads,
+    bench_size,
+    layer_kwargs,
+    reference_pattern,
+    refusing_not_available,
+)
 
 __all__ = ["build", "reference_mask"]
 
@@ -137,11 +146,52 @@ def _synchronized(call: Callable[[], object], device: torch.device) -> Callable[
     return run
 
 
+def _filled_cache(cache: tuple, length: int, generator: torch.Generator) -> tuple:
+    """``cache`` as if it held ``length`` tokens: every floating field random and positive
+    (linear attention's state divides by its ``k_sum``), ``lengths`` = ``length``."""
+    fields = {
+        name: torch.randn(value.shape, generator=generator).abs().to(value)
+        for name, value in zip(cache._fields, cache, strict=True)
+        if value.is_floating_point()
+    }
+    return cache._replace(**fields, lengths=torch.full_like(cache.lengths, length))
+
+
+def _decode_step(mechanism: Mechanism, cell: Cell, device: torch.device) -> Workload:
+    """One ``decode`` of T = 1 token against a cache holding ``cell.length`` tokens.
+
+    ``max_length`` is L + 1 (a dense step attends over every slot, so no more); before
+    each call ``lengths`` is set back to L in place, so every call decodes position L and
+    ``run()`` may be called any number of times. The cache ``decode`` returns is the one
+    the next call gets, as in a generation loop.
+    """
+    torch.manual_seed(0)
+    layer = mechanism.layer_class("torch")(**layer_kwargs(mechanism, cell.d_model))
+    layer.eval().to(device)
+    cache = refusing_not_available(
+        lambda: layer.init_cache(cell.batch, cell.length + 1, device=device)
+    )
+    generator = torch.Generator().manual_seed(1)
+    state = [_filled_cache(cache, cell.length, generator)]
+    x = torch.randn(cell.batch, 1, cell.d_model, generator=generator).to(device)
+
+    def step() -> Tensor:
+        with torch.inference_mode():
+            state[0].lengths.fill_(cell.length)
+            state[0], out = layer.decode(state[0], x)
+            return out
+
+    cache_bytes = sum(field.nbytes for field in state[0])
+    return Workload(_synchronized(step, device), (x,), cache_bytes=cache_bytes)
+
+
 def build(mechanism: Mechanism, cell: Cell, device: torch.device = _CPU) -> Workload:
     """The workload of ``cell`` on ``device``; the layer is built with seed 0, in eval mode.
 
     A reference on the core needs no layer, so it runs before the mechanism exists.
     """
+    if cell.subject == "step":
+        return _decode_step(mechanism, cell, device)
     if cell.subject == "matmul":
         generator = torch.Generator().manual_seed(1)
         a, b = (torch.randn(cell.length, cell.length, generator=generator) for _ in range(2))
