@@ -307,3 +307,19 @@ def test_torch_gradcheck_on_small_layers(name):
         return layer(x, mask, is_causal=True, need_weights=False)[0]
 
     assert torch.autograd.gradcheck(attend, (x,), atol=1e-6, rtol=1e-5)
+
+
+def test_torch_second_order_through_the_weights_path():
+    """PyTorch: double backward works through ``need_weights=True`` and through the fast
+    path raises PyTorch's own error (documented in docs/semantics.md "Training")."""
+    layer = by_name("multi_head").layer_class("torch")(16, num_heads=4).double()
+    x = torch.randn(1, 9, 16, dtype=torch.float64, requires_grad=True)
+
+    def second(need_weights: bool) -> torch.Tensor:
+        out, _ = layer(x, is_causal=True, need_weights=need_weights)
+        (grad,) = torch.autograd.grad(out.sin().sum(), x, create_graph=True)
+        return torch.autograd.grad((grad**2).sum(), x)[0]
+
+    assert torch.isfinite(second(True)).all()
+    with pytest.raises(RuntimeError, match="not implemented"):
+        second(False)
