@@ -323,3 +323,26 @@ def test_torch_second_order_through_the_weights_path():
     assert torch.isfinite(second(True)).all()
     with pytest.raises(RuntimeError, match="not implemented"):
         second(False)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_core_backward_in_low_precision(dtype, tolerance, rng):
+    """float32 and bfloat16 gradients of the fast path (causal, ALiBi) come back in the
+    inputs' dtype, within the dtype's precision of the float32 weights path's (relative to
+    the largest entry)."""
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 4, 40, 16)), jnp.float32) for _ in range(3))
+    cotangent = jnp.asarray(rng.standard_normal((2, 4, 40, 16)), jnp.float32)
+    slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625], jnp.float32)
+
+    def loss(q, k, v, fast):
+        out, _ = jf.dot_product_attention(
+            q, k, v, alibi_slopes=slopes, is_causal=True, need_weights=not fast
+        )
+        return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+    want = jax.grad(loss, (0, 1, 2))(q, k, v, False)
+    got = jax.grad(loss, (0, 1, 2))(*(x.astype(dtype) for x in (q, k, v)), True)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == jnp.dtype(dtype)
+        error = jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w))
+        assert float(error) <= tolerance
