@@ -275,6 +275,11 @@ def _toeplitz_sdpa(
     per-call ``(H, L, S)`` tensor to fill.
     """
     length, keys = q.shape[2], k.shape[2]
+    # (export first: comparing a symbolic L would pin it)
+    if is_causal and not torch.compiler.is_exporting() and length > QUERY_CHUNK:
+        return _causal_toeplitz_chunks(
+            q, k, v, slopes, offset=offset, scale=scale, dropout_p=dropout_p
+        )
     acc = _accumulation_dtype(q.dtype)
     # p_i - s_j along t = r + j
     distance = (length - 1 + offset) - torch.arange(length + keys - 1, device=q.device)
@@ -301,6 +306,45 @@ def _toeplitz_sdpa(
         sees = torch.arange(length, device=q.device) + offset >= 0
         out = out * sees[:, None]
     return out
+
+
+def _causal_toeplitz_chunks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slopes: Tensor | None,
+    *,
+    offset: int,
+    scale: float | None,
+    dropout_p: float,
+) -> Tensor:
+    """``_toeplitz_sdpa`` with ``is_causal``, ``QUERY_CHUNK`` queries per call, each against
+    the keys up to its last query only: the bias that carries the causal rule makes SDPA
+    compute every hidden score (it cannot skip blocks as with ``is_causal=True``), so the
+    keys after a chunk are left out: about half the work of one call, forward and backward
+    (PyTorch ALiBi causal fwd+bwd at L = 8192 ran 1.8x multi-head's in one call)."""
+    length, keys = q.shape[2], k.shape[2]
+    outs = []
+    for first in range(0, length, QUERY_CHUNK):
+        chunk = q[:, :, first : first + QUERY_CHUNK]
+        # queries first.. see keys s_j <= p_i, i.e. j < first + chunk + offset
+        end = min(keys, first + chunk.shape[2] + offset)
+        if end <= 0:  # the whole chunk comes before the first key: zero rows
+            outs.append(chunk.new_zeros(*chunk.shape[:3], v.shape[3]))
+            continue
+        outs.append(
+            _toeplitz_sdpa(
+                chunk,
+                k[:, :, :end],
+                v[:, :, :end],
+                slopes,
+                offset=offset + first,
+                is_causal=True,
+                scale=scale,
+                dropout_p=dropout_p,
+            )
+        )
+    return torch.cat(outs, dim=2)
 
 
 def _masked_sdpa(

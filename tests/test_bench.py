@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from dataclasses import replace
 
 import jax
 import numpy as np
@@ -233,9 +235,11 @@ def test_quick_torch_run_writes_json_plots_and_target_ratios(tmp_path):
             assert figures["memory_method"] == "rss"
 
     overhead = {c["label"]: c for c in payload["targets"]}["multi_head fwd L=128"]
-    layer = _find(measurements, subject="layer", scope="layer", length=128, mode="fwd")
     hand = _find(measurements, subject="same", scope="layer", length=128, mode="fwd")
-    assert layer["tag"] == hand["tag"] != ""  # measured together, for this check
+    assert hand["tag"] != ""  # measured together with the layer, for this check
+    layer = _find(
+        measurements, subject="layer", scope="layer", length=128, mode="fwd", tag=hand["tag"]
+    )
     assert overhead["value"] == pytest.approx(layer["median_s"] / hand["median_s"])
     assert overhead["status"] == ("met" if overhead["value"] <= 1.15 else "missed")
     efficiency = {c["label"]: c for c in payload["targets"]}["multi_head layer fwd L=256"]
@@ -643,3 +647,174 @@ def test_a_layer_that_cannot_decode_yet_is_reported_missing(monkeypatch):
         "missing",
         "decoding with a cache is not available for Ghost yet",
     )
+
+
+def test_a_memory_only_cell_is_compiled_and_never_run():
+    """XLA's figures of a fwd+bwd program, without running it (no timing, no skip)."""
+    case = by_name("multi_head")
+    cell = Cell("multi_head", "jax", "layer", "layer", 64, "fwdbwd", d_model=32, memory_only=True)
+    workload = jax_runs.build(case, cell)
+    with pytest.raises(RuntimeError, match="memory-only cell is compiled, never run"):
+        workload.run()
+    timed = jax_runs.build(case, Cell(**{**cell.as_dict(), "memory_only": False}))
+    assert 0 < workload.xla_temp_bytes == timed.xla_temp_bytes < workload.xla_bytes
+    assert workload.xla_bytes == timed.xla_bytes
+
+    bench = Bench(repeats=3, budget_s=60.0, max_bytes=0)  # nothing to run, nothing to skip
+    measured = bench.measure(cell)
+    assert measured.status == "ok", measured.note  # run() raising would read "error"
+    assert (measured.times_s, measured.warmup_s, measured.median_s) == ([], None, None)
+    assert (measured.temp_bytes, measured.peak_bytes) == (
+        workload.xla_temp_bytes,
+        workload.xla_bytes,
+    )
+    assert measured.memory_method == "xla" and measured.compile_s > 0
+    assert measured.as_dict()["memory_only"] and measured.as_dict()["temp_bytes"] > 0
+    assert "memory only" in cell.describe()
+    assert cell.key(case) != replace(cell, memory_only=False).key(case)  # measured apart
+    refused = bench.measure(replace(cell, framework="torch"))
+    assert refused.status == "n/a" and "JAX" in refused.note
+
+
+class _MadeUpTraining:
+    """A bench answering with made-up times, and XLA bytes for memory-only cells."""
+
+    def __init__(self, temp_bytes) -> None:
+        self.temp_bytes = temp_bytes
+        self.cells = []
+
+    @staticmethod
+    def seconds(cell) -> float:
+        if cell.subject == "same":  # jax.nn.dot_product_attention
+            return 0.45 if cell.scope == "core" and cell.mode == "fwdbwd" else 1.0
+        if cell.mode == "fwd":
+            return 0.05
+        if (cell.framework, cell.case) == ("jax", "multi_head"):
+            return 0.3  # 3x PyTorch's fwd+bwd, 6x its own forward
+        if cell.case == "alibi":
+            return 0.5 if cell.is_causal else 0.12
+        return 0.1
+
+    def measure_group(self, cells):
+        self.cells += cells
+        answers = []
+        for cell in cells:
+            if cell.memory_only:
+                temp = self.temp_bytes(cell)
+                answers.append(Measurement(cell, "ok", peak_bytes=temp + 2**20, temp_bytes=temp))
+            else:
+                answers.append(Measurement(cell, "ok", times_s=[self.seconds(cell)]))
+        return answers
+
+
+def _training_checks(bench) -> dict:
+    found = bench_targets._Checks(bench, bench_targets.QUICK_SIZES)
+    found.jax_dense_speedup()
+    found.training_speed()
+    found.alibi_training()
+    found.backward_overhead()
+    found.training_memory()
+    return {(c.label, c.framework): c for c in found.found}
+
+
+def test_training_target_arithmetic_on_made_up_measurements():
+    sizes = bench_targets.QUICK_SIZES  # training 128, causal 256, memory 64 .. 1024 (at 512)
+
+    def temp_bytes(cell):  # 0.5 MiB per token, dilated quadratic
+        if cell.case == "dilated":
+            return cell.length**2 * 16
+        return cell.length * 2**19
+
+    bench = _MadeUpTraining(temp_bytes)
+    found = _training_checks(bench)
+
+    kernel = {label: found[label, "jax"] for label, _ in found if "core" in label}
+    assert kernel["multi_head core fwd L=128"].goal == 2.5
+    core, layer = (found[f"multi_head {s} fwdbwd L=128", "jax"] for s in ("core", "layer"))
+    assert (core.value, core.goal, core.status) == (pytest.approx(1.5), 2.0, "missed")
+    assert (layer.value, layer.goal, layer.status) == (pytest.approx(1.0 / 0.3), 2.0, "met")
+    assert found["multi_head layer fwd L=128", "jax"].goal is None
+
+    twin = found["multi_head jax/torch fwdbwd L=128", "jax"]
+    assert twin.group.startswith("training: JAX fwd+bwd time / PyTorch fwd+bwd time")
+    assert (twin.value, twin.goal, twin.status) == (pytest.approx(3.0), 1.5, "missed")
+    assert twin.detail == "300.0 ms / 100.0 ms"
+
+    alibi = found["fwdbwd L=128", "torch"]
+    assert (alibi.value, alibi.goal, alibi.status) == (pytest.approx(1.2), 1.3, "met")
+    causal = found["fwdbwd L=256 causal", "torch"]
+    assert (causal.value, causal.status) == (pytest.approx(5.0), "missed")
+    timed_causal = [c for c in bench.cells if c.is_causal]
+    assert {(c.case, c.length, c.mode) for c in timed_causal} == {
+        ("alibi", 256, "fwdbwd"),
+        ("multi_head", 256, "fwdbwd"),
+    }
+
+    for mechanism in MECHANISMS:
+        for framework in ("torch", "jax"):
+            overhead = found[f"{mechanism.name} fwdbwd/fwd L=128", framework]
+            expected = {"multi_head": 6.0 if framework == "jax" else 2.0, "alibi": 2.4}
+            assert overhead.value == pytest.approx(expected.get(mechanism.name, 2.0))
+            assert overhead.goal == 3.5
+            assert overhead.status == ("missed" if overhead.value > 3.5 else "met")
+
+    dense = found["multi_head fwdbwd L=512", "jax"]
+    assert (dense.value, dense.goal, dense.unit, dense.status) == (256.0, 400.0, " MiB", "met")
+    assert dense.detail == "temporaries alone; outputs 1.0 MiB"
+    lengths = sizes.training_memory
+    for mechanism in MECHANISMS:
+        for short, long in itertools.pairwise(lengths):
+            growth = found[f"{mechanism.name} L={short}->{long}", "jax"]
+            quadratic = mechanism.name == "dilated"
+            assert growth.value == pytest.approx(4.0 if quadratic else 2.0)
+            assert (growth.goal, growth.status) == (2.3, "missed" if quadratic else "met")
+    memory_cells = [c for c in bench.cells if c.memory_only]
+    assert len(memory_cells) == len(MECHANISMS) * len(lengths)
+    assert {(c.framework, c.subject, c.scope, c.mode) for c in memory_cells} == {
+        ("jax", "layer", "layer", "fwdbwd")
+    }
+    assert not any(c.memory_only for c in bench.cells if c.framework == "torch")
+
+    heavy = _training_checks(_MadeUpTraining(lambda cell: cell.length * 2**21))
+    dense = heavy["multi_head fwdbwd L=512", "jax"]
+    assert (dense.value, dense.status) == (1024.0, "missed")
+    assert {c.status for c in failures(list(found.values()))} == {"missed"}
+
+
+def test_quick_run_lists_the_training_targets(tmp_path):
+    payload, printed = _quick_run(tmp_path, "--targets-only", "--mechanism", "alibi")
+    groups = [
+        "training: JAX fwd+bwd time / PyTorch fwd+bwd time (whole layer, same sizes)",
+        "training PyTorch: alibi fwd+bwd time / multi_head fwd+bwd time (whole layer)",
+        "training: fwd+bwd time / forward time of the same layer (whole layer, L=128)",
+        "training JAX memory: XLA temporaries of the layer's fwd+bwd (compiled, not run)",
+        "training JAX memory growth when L doubles",
+    ]
+    for group in groups:
+        assert group in printed
+    targets = {(t["label"], t["framework"]): t for t in payload["targets"]}
+    expected = [
+        ("multi_head jax/torch fwdbwd L=128", "jax"),
+        ("multi_head layer fwdbwd L=128", "jax"),
+        ("fwdbwd L=128", "torch"),
+        ("fwdbwd L=256 causal", "torch"),
+        ("multi_head fwdbwd L=512", "jax"),
+        ("alibi L=512->1024", "jax"),
+        *[
+            (f"{n} fwdbwd/fwd L=128", fw)
+            for n in ("multi_head", "alibi")
+            for fw in ("torch", "jax")
+        ],
+    ]
+    for key in expected:
+        assert targets[key]["status"] in ("met", "missed"), (key, targets[key])
+    assert targets["multi_head layer fwdbwd L=128", "jax"]["goal"] == 2.0
+    assert ("grouped L=512->1024", "jax") not in targets  # not selected
+    measurements = payload["measurements"]
+    memory = [m for m in measurements if m["memory_only"]]
+    assert len(memory) == 2 * 5  # multi_head and alibi at five lengths
+    for measured in memory:
+        assert measured["status"] == "ok" and measured["times_s"] == []
+        assert 0 < measured["temp_bytes"] < measured["peak_bytes"]
+    dense = _find(measurements, memory_only=True, case="multi_head", length=512)
+    assert targets["multi_head fwdbwd L=512", "jax"]["value"] == dense["temp_bytes"] / 2**20

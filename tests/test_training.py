@@ -346,3 +346,25 @@ def test_core_backward_in_low_precision(dtype, tolerance, rng):
         assert g.dtype == jnp.dtype(dtype)
         error = jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w))
         assert float(error) <= tolerance
+
+
+@pytest.mark.parametrize(("length", "keys", "start"), [(2100, 2100, None), (2100, 2400, 300)])
+def test_torch_causal_alibi_runs_in_query_chunks(length, keys, start):
+    """PyTorch causal ALiBi past ``QUERY_CHUNK`` queries calls SDPA per chunk of queries with
+    the keys up to the chunk's last one (about half the work of one call): outputs and
+    gradients equal the weights path's in float64."""
+    from attentions_torch import functional as tf
+
+    assert length > tf.QUERY_CHUNK
+    q = torch.randn(1, 2, length, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 1, keys, 8, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    slopes = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    positions = {} if start is None else {"query_positions": start, "key_positions": 0}
+    results = []
+    for need_weights in (False, True):
+        out, _ = tf.dot_product_attention(
+            q, k, v, alibi_slopes=slopes, is_causal=True, need_weights=need_weights, **positions
+        )
+        results.append((out, *torch.autograd.grad(out.sin().sum(), (q, k, v))))
+    for fast, slow in zip(*results, strict=True):
+        torch.testing.assert_close(fast, slow, atol=1e-10, rtol=0)

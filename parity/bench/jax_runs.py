@@ -2,7 +2,8 @@
 
 Each builder compiles ahead of time (``jax.jit(f).lower(...).compile()``), so the compile
 time is measured on its own and the timed calls run the compiled executable; the
-executable's ``memory_analysis()`` gives the bytes it allocates (temporaries + outputs).
+executable's ``memory_analysis()`` gives the bytes it allocates (temporaries + outputs;
+the temporaries alone too). A ``memory_only`` cell stops there: compiled, never run.
 Forward+backward is ``jax.grad`` of ``<out, cotangent>`` into the inputs and every
 parameter; a decoding step is the layer's ``decode`` jitted with its cache donated. The
 references reuse the layer's own parameters, and masks or biases are arguments (not
@@ -247,7 +248,8 @@ def _decode_step(mechanism: Mechanism, cell: Cell, device: jax.Device) -> Worklo
 
 def build(mechanism: Mechanism, cell: Cell, device: jax.Device | None = None) -> Workload:
     """Compile the cell's program for ``device`` (default: the first CPU) ahead of time and
-    return its timed call."""
+    return its timed call; a ``memory_only`` cell's call raises (its figures are the
+    compile time and the ``memory_analysis()`` bytes)."""
     device = device or jax.devices("cpu")[0]
     if cell.subject == "step":
         return _decode_step(mechanism, cell, device)
@@ -258,11 +260,25 @@ def build(mechanism: Mechanism, cell: Cell, device: jax.Device | None = None) ->
         compiled = jax.jit(program).lower(*args).compile()
         compile_s = time.perf_counter() - start
     analysis = compiled.memory_analysis()
-    xla_bytes = None
+    xla_bytes = xla_temp_bytes = None
     if analysis is not None:
+        xla_temp_bytes = int(analysis.temp_size_in_bytes)
         xla_bytes = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
 
     def run() -> object:
         return jax.block_until_ready(compiled(*args))
 
-    return Workload(run, inputs, compile_s=compile_s, xla_bytes=xla_bytes)
+    if cell.memory_only:
+        run = _never_run(cell)
+    return Workload(
+        run, inputs, compile_s=compile_s, xla_bytes=xla_bytes, xla_temp_bytes=xla_temp_bytes
+    )
+
+
+def _never_run(cell: Cell) -> Callable[[], object]:
+    """The ``run`` of a memory-only cell: it was compiled for its figures, not to be called."""
+
+    def run() -> object:
+        raise RuntimeError(f"{cell.describe()}: a memory-only cell is compiled, never run")
+
+    return run

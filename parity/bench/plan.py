@@ -13,6 +13,11 @@ Subjects:
   ``decode`` of T = 1 new token against a cache already holding ``L`` tokens
   (``parity.bench.decode``).
 
+A cell with ``memory_only=True`` (JAX only) is compiled and never run: its figures are
+the XLA executable's ``memory_analysis()`` (temporaries, outputs) and its compile time.
+That measures the memory of programs far too slow to run here (dense forward+backward at
+L = 16384 takes minutes per call).
+
 Scopes: ``"layer"`` times the whole layer from ``x`` (the references do the same
 projections by hand with the layer's weights, so projection cost is on both sides);
 ``"core"`` times attention alone on given q, k, v (``layer.attend`` against the bare
@@ -71,6 +76,7 @@ class Cell:
     Cells with different ``tag`` are different measurements even when they compute the
     same thing: each target check tags its cells, so they are timed in turns with each
     other rather than read from the sweep or another check, measured at another moment.
+    ``memory_only``: compile the JAX program for its ``memory_analysis()``, never run it.
     """
 
     case: str  # the mechanism's registry name
@@ -83,10 +89,12 @@ class Cell:
     d_model: int = 512
     batch: int = 1
     tag: str = ""
+    memory_only: bool = False
 
     def key(self, mechanism: Mechanism) -> tuple:
         """Identity of the computation: a reference shared by mechanisms is measured once."""
         sizes = (self.scope, self.length, self.mode, self.is_causal, self.d_model, self.batch)
+        sizes = (*sizes, self.memory_only)
         if self.subject == "matmul":
             return (self.tag, self.framework, "matmul", self.length)
         if self.subject in ("layer", "weights", "step"):
@@ -99,9 +107,10 @@ class Cell:
     def describe(self) -> str:
         causal = " causal" if self.is_causal else ""
         tag = f" [{self.tag}]" if self.tag else ""
+        memory = " memory only" if self.memory_only else ""
         return (
             f"{self.case} {self.framework} {self.subject}/{self.scope} L={self.length} "
-            f"{self.mode}{causal}{tag}"
+            f"{self.mode}{causal}{memory}{tag}"
         )
 
     def as_dict(self) -> dict:
@@ -111,7 +120,8 @@ class Cell:
 @dataclass
 class Workload:
     """One call to time, and the arrays it reads (``inputs``: x, or q, k, v, then any mask
-    or bias); ``compile_s`` and ``xla_bytes`` are set by the JAX builders only.
+    or bias); ``compile_s``, ``xla_bytes`` (temporaries + outputs) and ``xla_temp_bytes``
+    (temporaries alone) are set by the JAX builders only.
 
     ``run()`` returns only once the device has finished the call (``torch.cuda.synchronize``,
     ``jax.block_until_ready``), so a wall clock around it times the work, not its launch.
@@ -122,6 +132,7 @@ class Workload:
     inputs: tuple = ()
     compile_s: float | None = None
     xla_bytes: int | None = None
+    xla_temp_bytes: int | None = None
     cache_bytes: int | None = None
 
 
@@ -193,19 +204,19 @@ def estimated_bytes(mechanism: Mechanism, cell: Cell) -> int:
 
     Used only to skip what would not fit: the weights path and the XLA reference hold a
     few ``(B, H, L, L)`` float32 arrays (twice as many with a backward pass); PyTorch's
-    fused CPU kernel holds none, but its mask or ALiBi bias is ``L×L``; the JAX dense fast
-    path saves its ``(B, H, L, L)`` scores for the backward pass.
+    fused CPU kernel holds none, but its mask or ALiBi bias is ``L×L``. The layers' fast
+    paths hold none, backward included (JAX's custom backward saves q, k, v, the output
+    and the log-sum-exp, issue 14). A memory-only cell is compiled and never run: 0.
     """
-    if cell.subject in ("matmul", "step"):
-        return 0
+    if cell.subject in ("matmul", "step") or cell.memory_only:
+        return 0  # a memory-only cell is compiled, never run
     heads, _, _, batch = _shape(mechanism, cell)
     scores = 4 * batch * heads * cell.length * cell.length
     backward = 2 if cell.mode == "fwdbwd" else 1
     if cell.subject == "weights":
         return 3 * scores
     if cell.subject == "layer":
-        dense_jax = cell.framework == "jax" and mechanism.pattern in ("dense", "alibi", "rope")
-        return 2 * scores if dense_jax and cell.mode == "fwdbwd" else 0
+        return 0
     pattern = reference_pattern(mechanism, cell.subject, cell.scope)
     if cell.framework == "jax":
         return 3 * scores * backward

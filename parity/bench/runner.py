@@ -5,7 +5,8 @@ answers every request with a placeholder and keeps the list, so the whole run is
 (and its progress bar sized) before anything is timed; a ``Bench`` then measures each
 distinct computation once, so a reference shared by several mechanisms, or a cell that
 the sweep and a target both need, costs one measurement. Cells asked for together (a
-layer and its references) are timed in turns, under the same machine load.
+layer and its references) are timed in turns, under the same machine load. A memory-only
+cell (JAX) is compiled for its ``memory_analysis()`` and never run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class Measurement:
     not decode with a cache yet); ``"n/a"`` (no fused kernel computes this mechanism);
     ``"skipped"`` (over the memory budget); ``"error"``; ``"planned"`` (a ``Planner``
     placeholder); ``"unselected"`` (left out by ``--mechanism``/``--framework``).
+
+    ``peak_bytes``: the meter's figure (JAX: XLA temporaries + outputs); ``temp_bytes``:
+    JAX's temporaries alone. A memory-only cell has these and ``compile_s``, no times.
     """
 
     cell: Cell
@@ -41,6 +45,7 @@ class Measurement:
     warmup_s: float | None = None
     compile_s: float | None = None
     peak_bytes: int | None = None
+    temp_bytes: int | None = None
     memory_method: str | None = None
     flops: float | None = None
     cache_bytes: int | None = None
@@ -66,6 +71,7 @@ class Measurement:
             "warmup_s": self.warmup_s,
             "compile_s": self.compile_s,
             "peak_bytes": self.peak_bytes,
+            "temp_bytes": self.temp_bytes,
             "memory_method": self.memory_method,
             "useful_flops": self.flops,
             "useful_gflops": self.gflops,
@@ -75,6 +81,10 @@ class Measurement:
 
 def _unavailable(mechanism: Mechanism, cell: Cell) -> Measurement | None:
     """A measurement that cannot run, with the reason; ``None`` if it can."""
+    if cell.memory_only and (cell.framework != "jax" or cell.subject in ("matmul", "step")):
+        return Measurement(
+            cell, "n/a", "memory-only cells are JAX programs (XLA's memory_analysis)"
+        )
     if cell.subject == "matmul":
         return None
     if not mechanism.available(cell.framework):
@@ -192,6 +202,9 @@ class Bench:
             except Exception as error:  # a mechanism still in the making must not stop the run
                 self.results[key] = _failed(cell, error)
                 continue
+            if cell.memory_only:
+                self.results[key] = _compiled_only(cell, workload)
+                continue
             ready.append((key, mechanism, cell, workload))
         if not ready:
             return
@@ -215,6 +228,7 @@ class Bench:
                 warmup_s=timing.warmup_s,
                 compile_s=workload.compile_s,
                 peak_bytes=workload.xla_bytes if meter is None else timing.peak_bytes,
+                temp_bytes=workload.xla_temp_bytes,
                 memory_method=method,
                 flops=useful_flops(mechanism, cell),
                 cache_bytes=workload.cache_bytes,
@@ -222,6 +236,22 @@ class Bench:
 
     def measurements(self) -> list[Measurement]:
         return list(self.results.values())
+
+
+def _compiled_only(cell: Cell, workload) -> Measurement:
+    """A memory-only cell's figures: compile time and XLA's bytes; ``run`` is never called."""
+    if workload.xla_bytes is None:
+        return Measurement(
+            cell, "n/a", "this backend gives no memory_analysis()", compile_s=workload.compile_s
+        )
+    return Measurement(
+        cell,
+        "ok",
+        compile_s=workload.compile_s,
+        peak_bytes=workload.xla_bytes,
+        temp_bytes=workload.xla_temp_bytes,
+        memory_method="xla",
+    )
 
 
 def _failed(cell: Cell, error: Exception) -> Measurement:

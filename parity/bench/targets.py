@@ -4,6 +4,10 @@ Every check is a ratio or a time computed from cells measured in the same proces
 the load of a shared machine moves both sides together. A check whose mechanism is not in
 the packages yet reads "not available yet"; one whose measurement was skipped or failed
 says why. ``failures`` picks the checks that fail a ``--check`` run: "missed" and "error".
+
+The training targets (issue 14) are forward+backward time ratios, and JAX's fwd+bwd
+temporaries from XLA's buffer assignment of programs compiled and never run (memory-only
+cells), so their L = 16384 costs a compile, not minutes of running.
 """
 
 from __future__ import annotations
@@ -16,10 +20,16 @@ from .. import mechanisms
 from .plan import SCOPES, Cell
 
 __all__ = [
+    "ALIBI_TRAINING",
+    "BACKWARD_OVER_FORWARD",
     "FAILING",
     "FULL_SIZES",
+    "JAX_KERNEL_FWDBWD_SPEEDUP",
+    "JAX_OVER_TORCH_FWDBWD",
     "NEED_WEIGHTS_MS",
     "QUICK_SIZES",
+    "TRAINING_MEMORY_GROWTH",
+    "TRAINING_TEMP_MIB",
     "Check",
     "TargetSizes",
     "checks",
@@ -41,6 +51,19 @@ NEED_WEIGHTS_MS = {
 """``need_weights=True`` forward times (ms) at L=2048, B=1, d_model=128, 8 heads, measured
 on this machine for the implementation the mechanism names come from."""
 
+TRAINING_TEMP_MIB = 400.0
+"""JAX dense (multi_head) fwd+bwd XLA temporaries at ``training_memory_at``, MiB."""
+TRAINING_MEMORY_GROWTH = 2.3
+"""Every mechanism's JAX fwd+bwd temporaries, t(2L) / t(L), at most (O(L): about 2)."""
+JAX_OVER_TORCH_FWDBWD = 1.5
+"""JAX dense fwd+bwd time / the PyTorch twin's, at most."""
+JAX_KERNEL_FWDBWD_SPEEDUP = 2.0
+"""``jax.nn.dot_product_attention`` fwd+bwd time / the JAX fast path's, at least."""
+ALIBI_TRAINING = 1.3
+"""PyTorch ALiBi fwd+bwd time / multi-head fwd+bwd time, at most."""
+BACKWARD_OVER_FORWARD = 3.5
+"""Every mechanism's fwd+bwd time / its own forward time, at most, in both frameworks."""
+
 
 @dataclass(frozen=True)
 class TargetSizes:
@@ -55,6 +78,10 @@ class TargetSizes:
     weights: int = 2048
     weights_d_model: int = 128
     matmul: int = 2048
+    training: int = 2048
+    training_causal: int = 8192
+    training_memory: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    training_memory_at: int = 8192
 
 
 FULL_SIZES = TargetSizes()
@@ -68,6 +95,10 @@ QUICK_SIZES = TargetSizes(
     weights=128,
     weights_d_model=32,
     matmul=256,
+    training=128,
+    training_causal=256,
+    training_memory=(64, 128, 256, 512, 1024),
+    training_memory_at=512,
 )
 
 
@@ -225,7 +256,8 @@ class _Checks:
                 self.cell("multi_head", "jax", "layer", scope, length, mode),
             )
             label = f"multi_head {scope} {mode} L={length}"
-            self.ratio(_JAX_GROUP, label, "jax", kernel, ours, None, at_least=True)
+            goal = JAX_KERNEL_FWDBWD_SPEEDUP if mode == "fwdbwd" else None
+            self.ratio(_JAX_GROUP, label, "jax", kernel, ours, goal, at_least=True)
 
     def efficiency(self) -> None:
         """Useful GFLOP/s of the dense layer and core over a matmul's, all timed in turns."""
@@ -339,6 +371,97 @@ class _Checks:
 
                 self.add(group, mechanism.name, framework, (measured,), compute, goal, False, "ms")
 
+    def training_speed(self) -> None:
+        """JAX dense fwd+bwd against the PyTorch twin's, timed in turns (whole layer)."""
+        group = "training: JAX fwd+bwd time / PyTorch fwd+bwd time (whole layer, same sizes)"
+        length = self.sizes.training
+        ours, twin = self.measure(
+            self.cell("multi_head", "jax", "layer", "layer", length, "fwdbwd"),
+            self.cell("multi_head", "torch", "layer", "layer", length, "fwdbwd"),
+        )
+        label = f"multi_head jax/torch fwdbwd L={length}"
+        self.ratio(group, label, "jax", ours, twin, JAX_OVER_TORCH_FWDBWD, at_least=False)
+
+    def alibi_training(self) -> None:
+        group = "training PyTorch: alibi fwd+bwd time / multi_head fwd+bwd time (whole layer)"
+        for length, causal in ((self.sizes.training, False), (self.sizes.training_causal, True)):
+            alibi, dense = self.measure(
+                *(
+                    self.cell(name, "torch", "layer", "layer", length, "fwdbwd", is_causal=causal)
+                    for name in ("alibi", "multi_head")
+                )
+            )
+            label = f"fwdbwd L={length}{' causal' if causal else ''}"
+            self.ratio(group, label, "torch", alibi, dense, ALIBI_TRAINING, at_least=False)
+
+    def backward_overhead(self) -> None:
+        length = self.sizes.training
+        group = f"training: fwd+bwd time / forward time of the same layer (whole layer, L={length})"
+        for mechanism in mechanisms.MECHANISMS:
+            for framework in ("torch", "jax"):
+                both, forward = self.measure(
+                    *(
+                        self.cell(mechanism.name, framework, "layer", "layer", length, mode)
+                        for mode in ("fwdbwd", "fwd")
+                    )
+                )
+                label = f"{mechanism.name} fwdbwd/fwd L={length}"
+                goal = BACKWARD_OVER_FORWARD
+                self.ratio(group, label, framework, both, forward, goal, at_least=False)
+
+    def training_memory(self) -> None:
+        """JAX fwd+bwd XLA temporaries (``temp_size_in_bytes``, outputs apart), compiled only.
+
+        The dense figure at ``training_memory_at``, then every mechanism's growth per
+        doubling of L. The programs are compiled for ``memory_analysis()`` and never run.
+        """
+        lengths = self.sizes.training_memory
+        measured = {}
+        for mechanism in mechanisms.MECHANISMS:
+            cells = [
+                self.cell(mechanism.name, "jax", "layer", "layer", n, "fwdbwd", memory_only=True)
+                for n in lengths
+            ]
+            measured[mechanism.name] = dict(zip(lengths, self.measure(*cells), strict=True))
+        at = self.sizes.training_memory_at
+        dense = measured["multi_head"][at]
+
+        def absolute(dense=dense):
+            if dense.temp_bytes is None:
+                return float("nan"), "no memory figure"
+            output = (dense.peak_bytes - dense.temp_bytes) / 2**20
+            return dense.temp_bytes / 2**20, f"temporaries alone; outputs {output:.1f} MiB"
+
+        self.add(
+            "training JAX memory: XLA temporaries of the layer's fwd+bwd (compiled, not run)",
+            f"multi_head fwdbwd L={at}",
+            "jax",
+            (dense,),
+            absolute,
+            TRAINING_TEMP_MIB,
+            False,
+            " MiB",
+        )
+        group = (
+            "training JAX memory growth when L doubles: XLA temporaries of the layer's "
+            "fwd+bwd (compiled, not run; O(L): about 2)"
+        )
+        for name, by_length in measured.items():
+            for short, long in itertools.pairwise(lengths):
+                first, second = by_length[short], by_length[long]
+
+                def growth(first=first, second=second):
+                    if not first.temp_bytes or second.temp_bytes is None:
+                        return float("nan"), "no memory figure"
+                    detail = f"{second.temp_bytes / 2**20:.1f} / {first.temp_bytes / 2**20:.1f} MiB"
+                    return second.temp_bytes / first.temp_bytes, detail
+
+                label = f"{name} L={short}->{long}"
+                measurements = (first, second)
+                self.add(
+                    group, label, "jax", measurements, growth, TRAINING_MEMORY_GROWTH, False, "x"
+                )
+
 
 def checks(bench, sizes: TargetSizes) -> list[Check]:
     """Every target check, asking ``bench`` (a ``Bench`` or a ``Planner``) for its cells."""
@@ -350,4 +473,8 @@ def checks(bench, sizes: TargetSizes) -> list[Check]:
     found.memory_growth()
     found.linear_scaling()
     found.need_weights()
+    found.training_speed()
+    found.alibi_training()
+    found.backward_overhead()
+    found.training_memory()
     return found.found
