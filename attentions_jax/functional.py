@@ -244,30 +244,6 @@ def _weights(
     return jnp.where(keep, jax.nn.softmax(scores, axis=-1), 0.0)
 
 
-def _output(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    keep: jax.Array | None,
-    bias: jax.Array | None,
-    scale: float,
-) -> jax.Array:
-    """Attention output ``(B, H, L, D)`` in float32 or wider, normalizing after ``@ V``.
-
-    Dividing the ``(L, D)`` output instead of the ``(L, S)`` weights saves a pass over the
-    scores. The row maximum itself contributes ``exp(0) = 1``, so a row's sum is >= 1 when
-    it sees a key and exactly 0 when it sees none: ``maximum(sum, 1)`` gives those rows 0.
-    """
-    scores = _scores(q, k, bias, scale)
-    if keep is not None:
-        scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
-    unnormalized = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-    if keep is not None:
-        unnormalized = jnp.where(keep, unnormalized, 0.0)
-    total = unnormalized.sum(axis=-1, keepdims=True)
-    return _apply_weights(unnormalized, v) / jnp.maximum(total, 1.0)
-
-
 def _apply_weights(weights: jax.Array, v: jax.Array) -> jax.Array:
     """``(B, H, L, S) x (B, K, S, D) -> (B, H, L, D)`` in the weights' dtype."""
     batch, heads, length, keys = weights.shape
@@ -475,8 +451,14 @@ def _output_and_lse(
     bias: jax.Array | None,
     scale: float,
 ) -> tuple[jax.Array, jax.Array]:
-    """``_output`` and the log-sum-exp of each row's visible scores ``(B, H, L, 1)`` (the
-    row maximum for a row that sees nothing), which is all the backward pass keeps."""
+    """Attention output ``(B, H, L, D)`` in float32 or wider, and the log-sum-exp of each
+    row's visible scores ``(B, H, L, 1)``, which is all the backward pass keeps.
+
+    Normalizing the ``(L, D)`` output instead of the ``(L, S)`` weights saves a pass over
+    the scores. The row maximum itself contributes ``exp(0) = 1``, so a row's sum is >= 1
+    when it sees a key and exactly 0 when it sees none: ``maximum(sum, 1)`` gives those
+    rows 0 (and their log-sum-exp is the row maximum, the float minimum).
+    """
     scores = _scores(q, k, bias, scale)
     if keep is not None:
         scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
@@ -487,23 +469,6 @@ def _output_and_lse(
     total = jnp.maximum(unnormalized.sum(axis=-1, keepdims=True), 1.0)
     out = _apply_weights(unnormalized, v) / total
     return out, top + jnp.log(total)
-
-
-def _output(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    keep: jax.Array | None,
-    bias: jax.Array | None,
-    scale: float,
-) -> jax.Array:
-    """Attention output ``(B, H, L, D)`` in float32 or wider, normalizing after ``@ V``.
-
-    Dividing the ``(L, D)`` output instead of the ``(L, S)`` weights saves a pass over the
-    scores. The row maximum itself contributes ``exp(0) = 1``, so a row's sum is >= 1 when
-    it sees a key and exactly 0 when it sees none: ``maximum(sum, 1)`` gives those rows 0.
-    """
-    return _output_and_lse(q, k, v, keep, bias, scale)[0]
 
 
 def _step_gradients(
