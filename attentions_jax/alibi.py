@@ -1,4 +1,4 @@
-"""ALiBi self-attention (Press et al. 2022): dense, plus the bias ``-m_h * abs(i - j)``."""
+"""ALiBiMechanism self-attention (Press et al. 2022): dense, plus the bias ``-m_h * abs(i - j)``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 
 from ._validation import validate_positive
-from .base import SelfAttention
+from .base import Mechanism, SelfAttention
 
-__all__ = ["ALiBiSelfAttention", "AlibiSelfAttention", "alibi_slopes"]
+__all__ = ["ALiBiMechanism", "ALiBiSelfAttention", "AlibiSelfAttention", "alibi_slopes"]
 
 
 def _power_of_two_slopes(heads: int) -> list[float]:
@@ -18,7 +18,7 @@ def _power_of_two_slopes(heads: int) -> list[float]:
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
-    """``(H,)`` float64 slopes m_h of the ALiBi paper, for any head count.
+    """``(H,)`` float64 slopes m_h of the ALiBiMechanism paper, for any head count.
 
     H a power of two: ``2 ** (-8 h / H)`` for h = 1..H. Otherwise, with P the largest power
     of two below H: the P slopes for P, then ``2 ** (-4 k / P)`` for k = 1, 3, 5, ... (every
@@ -31,7 +31,17 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     return np.array(slopes[:num_heads], dtype=np.float64)
 
 
-class ALiBiSelfAttention(SelfAttention):
+class ALiBiMechanism(Mechanism):
+    """Dense attention plus the bias ``-m_h * abs(p_i - s_j)`` on positions."""
+
+    positional = True
+
+    def core_options(self) -> dict[str, Any]:
+        """The ALiBiMechanism slopes, handed to the core."""
+        return {"alibi_slopes": alibi_slopes(self.num_heads)}
+
+
+class ALiBiSelfAttention(ALiBiMechanism, SelfAttention):
     """Multi-head self-attention with linear biases: scores
     ``q·k / (sqrt(D) * temperature) - m_h * abs(p_i - s_j)`` on the positions of query i
     and key j (``0..L-1`` in a self-attention call).
@@ -49,15 +59,6 @@ class ALiBiSelfAttention(SelfAttention):
     """
 
     num_heads: int
-
-    positional = True
-
-    def head_counts(self) -> tuple[int, int]:
-        return self.num_heads, self.num_heads
-
-    def core_options(self) -> dict[str, Any]:
-        """The ALiBi slopes, handed to the core."""
-        return {"alibi_slopes": alibi_slopes(self.num_heads)}
 
 
 AlibiSelfAttention = ALiBiSelfAttention

@@ -1,10 +1,17 @@
 """The pipeline every layer shares: project, split heads, RoPE, attend, merge, project out.
 
-A mechanism is a subclass: the dense ones differ only in their head counts and core
-options (ALiBi's slopes); the sparse ones compute their pattern on tiles in their own
-``attend`` (``sparse.py``). Shape legend: B batch, L query length, S key length (``S = L``
-in self-attention, the context's length in cross-attention), H query heads, K kv heads,
-D head width, E model width, C context width.
+The logic lives in ``Mechanism``, a plain class that knows no module system: its
+configuration is the layer's attributes, its parameters are reached through two hooks
+(``project`` and ``param_dtype``). A mechanism is a subclass (``MultiHead``, ``Local``,
+...): the dense ones differ only in their head counts and core options (ALiBi's slopes);
+the sparse ones compute their pattern on tiles in their own ``attend`` (``sparse.py``).
+The Flax modules are thin shells over it: ``SelfAttention`` here (linen, each
+mechanism's dataclass fields next to its mixin) and ``attentions_jax.nnx`` (NNX, built
+from the same classes), so a mechanism is written once for both.
+
+Shape legend: B batch, L query length, S key length (``S = L`` in self-attention, the
+context's length in cross-attention), H query heads, K kv heads, D head width, E model
+width, C context width.
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from .functional import dot_product_attention, merge_heads, split_heads
 from .masks import as_keep_mask
 from .rope import apply_rope
 
-__all__ = ["SelfAttention"]
+__all__ = ["PROJECTIONS", "Mechanism", "SelfAttention"]
+
+PROJECTIONS = ("w_q", "w_k", "w_v", "w_o")
+"""The parameter names, in the order of the pipeline (SPEC §5's weight layout)."""
 
 
 def _option(default):
@@ -37,8 +47,199 @@ def _option(default):
     return dataclasses.field(default=default, kw_only=True)
 
 
-class SelfAttention(nn.Module):
-    """Dense softmax self-attention; subclasses fix the head counts and the pattern.
+class Mechanism:
+    """What a layer computes, apart from how its module system holds the parameters.
+
+    Reads the configuration from attributes the shell provides: ``d_model``,
+    ``input_dim``, ``dropout``, ``bias``, ``temperature``, ``rope``, ``rope_interleaved``,
+    ``rope_base``, ``context_dim`` and the mechanism's own (``num_heads``,
+    ``window_size``, ...). The shell implements ``project`` (apply a named projection) and
+    ``param_dtype``, and calls ``validate`` once it holds the configuration.
+    """
+
+    positional = False
+    """The mechanism's pattern or bias is defined on positions (local, dilated, block,
+    ALiBi), so it cannot attend to a ``context`` (cross-attention); ``rope=True`` too."""
+
+    def validate(self) -> None:
+        """``ValueError`` for a configuration no layer can have (SPEC §7)."""
+        num_heads, num_kv_heads = self.head_counts()
+        d_head = validate_heads(self.d_model, num_heads, num_kv_heads)
+        validate_options(
+            input_dim=self.input_dim,
+            dropout=self.dropout,
+            temperature=self.temperature,
+            rope=self.rope,
+            d_head=d_head,
+            context_dim=self.context_dim,
+        )
+        validate_rope_base(self.rope_base)
+
+    def head_counts(self) -> tuple[int, int]:
+        """``(H, K)``: query heads and kv heads."""
+        return self.num_heads, self.num_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.head_counts()[0]
+
+    @property
+    def scale(self) -> float:
+        """Score scale ``1 / (sqrt(D) * temperature)``."""
+        return 1.0 / (math.sqrt(self.d_head) * self.temperature)
+
+    def features(self) -> dict[str, tuple[int, int]]:
+        """``name -> (in, out)`` widths of the four projections."""
+        num_heads, num_kv_heads = self.head_counts()
+        input_dim = self.d_model if self.input_dim is None else self.input_dim
+        context_dim = input_dim if self.context_dim is None else self.context_dim
+        return {
+            "w_q": (input_dim, num_heads * self.d_head),
+            "w_k": (context_dim, num_kv_heads * self.d_head),
+            "w_v": (context_dim, num_kv_heads * self.d_head),
+            "w_o": (self.d_model, self.d_model),
+        }
+
+    def project(self, name: str, x: jax.Array) -> jax.Array:
+        """The projection ``name`` (one of ``PROJECTIONS``) applied to ``x``; the shell's."""
+        raise NotImplementedError
+
+    def param_dtype(self) -> jnp.dtype:
+        """The dtype of the parameters (a cache's default); the shell's."""
+        raise NotImplementedError
+
+    def core_options(self) -> dict[str, Any]:
+        """Extra keyword arguments of the core for this mechanism (ALiBi: its slopes)."""
+        return {}
+
+    def cache_rule(self) -> kv_cache.CacheRule:
+        """How this mechanism keeps and reads keys when decoding: dense, slot = position
+        (``attentions_jax.cache``); local, dilated and block attention say otherwise."""
+        return kv_cache.CacheRule()
+
+    def positional_name(self) -> str:
+        """What makes this layer positional (for the cross-attention error), or ``""``."""
+        name = type(self).__name__
+        if self.positional:
+            return name
+        return f"{name} with rope=True" if self.rope else ""
+
+    def attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        mask: jax.Array | None,
+        *,
+        is_causal: bool,
+        need_weights: bool,
+        dropout_rng: jax.Array | None = None,
+        query_positions: jax.Array | int | None = None,
+        key_positions: jax.Array | int | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Core attention on heads: q ``(B, H, L, D)``, k/v ``(B, K, S, D)``.
+
+        ``mask`` is the caller's rank-4 keep-mask (or ``None``); ``dropout_rng`` a key when
+        dropout applies. The positions of the queries and keys (docs/semantics.md,
+        "Positions"): ``None`` for ``0..L-1`` and ``0..S-1``, a start offset, or (dense
+        mechanisms) integer arrays ``(L,)``/``(B, L)`` and ``(S,)``/``(B, S)``; causal,
+        the patterns and ALiBi are stated on them. RoPE is applied before, by the caller.
+        Mechanisms with a pattern of their own override this with a compact kernel
+        (``sparse.py``, ``linear.py``).
+        """
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            mask,
+            **self.core_options(),
+            is_causal=is_causal,
+            scale=self.scale,
+            dropout_rate=self.dropout,
+            dropout_rng=dropout_rng,
+            need_weights=need_weights,
+            query_positions=query_positions,
+            key_positions=key_positions,
+        )
+
+    def forward(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        *,
+        context: jax.Array | None,
+        is_causal: bool,
+        need_weights: bool,
+        dropout_rng: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The layer's call (see ``SelfAttention.__call__``), dropout drawn from
+        ``dropout_rng`` when it is given."""
+        num_heads, num_kv_heads = self.head_counts()
+        input_dim = self.d_model if self.input_dim is None else self.input_dim
+        validate_input(x.shape, input_dim)
+        batch, length, _ = x.shape
+        validate_context(
+            None if context is None else context.shape,
+            input_dim if self.context_dim is None else self.context_dim,
+            batch,
+            input_dim=input_dim,
+            mechanism=self.positional_name(),
+            is_causal=is_causal,
+        )
+        source = x if context is None else context
+        keys = None if context is None else context.shape[1]
+        keep = as_keep_mask(mask, batch, num_heads, length, keys)
+        q = split_heads(self.project("w_q", x), num_heads)
+        k = split_heads(self.project("w_k", source), num_kv_heads)
+        v = split_heads(self.project("w_v", source), num_kv_heads)
+        if self.rope:
+            q = apply_rope(q, base=self.rope_base, interleaved=self.rope_interleaved)
+            k = apply_rope(k, base=self.rope_base, interleaved=self.rope_interleaved)
+        out, weights = self.attend(
+            q, k, v, keep, is_causal=is_causal, need_weights=need_weights, dropout_rng=dropout_rng
+        )
+        return self.project("w_o", merge_heads(out)), weights
+
+    def init_cache(
+        self, batch: int, max_length: int | None, *, dtype: jnp.dtype | None = None
+    ) -> kv_cache.Cache:
+        """An empty cache for ``batch`` sequences of up to ``max_length`` tokens (``dtype``:
+        the parameters' unless given): a ``KVCache``, keys and values ``(B, K, S_max, D)``
+        and lengths ``(B,)`` int32, or for local and block attention a ``WindowCache`` of
+        their last keys, for linear attention a ``LinearCache`` (``max_length=None``: no
+        limit for these three).
+
+        linen: ``apply(variables, batch, max_length, method="init_cache")``; NNX:
+        ``layer.init_cache(batch, max_length)``.
+        """
+        return kv_cache.init_cache(self, batch, max_length, dtype=dtype)
+
+    def decode(
+        self, cache: kv_cache.Cache, x: jax.Array, mask: jax.Array | None = None
+    ) -> tuple[kv_cache.Cache, jax.Array]:
+        """Causal attention of T new tokens ``x`` ``(B, T, input_dim)`` to the cache and to
+        each other; ``mask`` ``(B, T)`` marks the real tokens (``None``: all).
+
+        linen: ``apply(variables, cache, x, mask, method="decode")``; NNX:
+        ``layer.decode(cache, x, mask)``. Jit-able, and a ``lax.scan`` body. Returns
+        ``(cache, out)``: the new cache, out ``(B, T, E)``, zero for padded tokens. A prompt
+        and then one token per call give the outputs of ``layer(x, is_causal=True)`` at
+        the same positions. Writing past ``max_length`` raises ``ValueError`` when the
+        lengths are concrete; under ``jax.jit`` an overflowing token's output is NaN
+        instead (``attentions_jax.cache``). No dropout.
+
+        Example::
+
+            cache = attn.apply(variables, 2, 64, method="init_cache")
+            cache, out = attn.apply(variables, cache, prompt, mask, method="decode")
+            cache, out = attn.apply(variables, cache, next_token, method="decode")
+        """
+        return kv_cache.decode(self, cache, x, mask)
+
+
+class SelfAttention(Mechanism, nn.Module):
+    """The linen shell: dense softmax self-attention; subclasses fix the head counts and
+    the pattern.
 
     Parameters: ``w_q`` (input_dim -> H*D), ``w_k``/``w_v`` (context_dim -> K*D; context_dim
     defaults to input_dim), ``w_o`` (E -> E) as ``nn.Dense``, Xavier-uniform kernels, zero
@@ -55,108 +256,26 @@ class SelfAttention(nn.Module):
     rope_base: float = _option(10000.0)
     context_dim: int | None = _option(None)
 
-    positional = False
-    """The mechanism's pattern or bias is defined on positions (local, dilated, block,
-    ALiBi), so it cannot attend to a ``context`` (cross-attention); ``rope=True`` too."""
-
     def __post_init__(self) -> None:
-        num_heads, num_kv_heads = self.head_counts()
-        d_head = validate_heads(self.d_model, num_heads, num_kv_heads)
-        validate_options(
-            input_dim=self.input_dim,
-            dropout=self.dropout,
-            temperature=self.temperature,
-            rope=self.rope,
-            d_head=d_head,
-            context_dim=self.context_dim,
-        )
-        validate_rope_base(self.rope_base)
+        self.validate()
         super().__post_init__()
 
-    def head_counts(self) -> tuple[int, int]:
-        """``(H, K)``: query heads and kv heads."""
-        raise NotImplementedError
+    def setup(self) -> None:
+        for name, (_, features) in self.features().items():
+            dense = nn.Dense(
+                features,
+                use_bias=self.bias,
+                kernel_init=nn.initializers.xavier_uniform(),
+                bias_init=nn.initializers.zeros,
+            )
+            setattr(self, name, dense)
 
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.head_counts()[0]
+    def project(self, name: str, x: jax.Array) -> jax.Array:
+        return getattr(self, name)(x)
 
-    @property
-    def scale(self) -> float:
-        """Score scale ``1 / (sqrt(D) * temperature)``."""
-        return 1.0 / (math.sqrt(self.d_head) * self.temperature)
+    def param_dtype(self) -> jnp.dtype:
+        return self.variables["params"]["w_q"]["kernel"].dtype
 
-    def attend(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        mask: jax.Array | None,
-        *,
-        is_causal: bool,
-        need_weights: bool,
-        deterministic: bool,
-        query_positions: jax.Array | int | None = None,
-        key_positions: jax.Array | int | None = None,
-    ) -> tuple[jax.Array, jax.Array | None]:
-        """Core attention on heads: q ``(B, H, L, D)``, k/v ``(B, K, S, D)``.
-
-        ``mask`` is the caller's rank-4 keep-mask (or ``None``). The positions of the
-        queries and keys (docs/semantics.md, "Positions"): ``None`` for ``0..L-1`` and
-        ``0..S-1``, a start offset, or (dense mechanisms) integer arrays ``(L,)``/``(B, L)``
-        and ``(S,)``/``(B, S)``; causal, the patterns and ALiBi are stated on them. RoPE is
-        applied before, by the caller. Mechanisms with a pattern of their own override this
-        with a compact kernel (``sparse.py``, ``linear.py``).
-        """
-        return dot_product_attention(
-            q,
-            k,
-            v,
-            mask,
-            **self.core_options(),
-            is_causal=is_causal,
-            scale=self.scale,
-            dropout_rate=self.dropout,
-            dropout_rng=self.dropout_rng(deterministic),
-            need_weights=need_weights,
-            query_positions=query_positions,
-            key_positions=key_positions,
-        )
-
-    def core_options(self) -> dict[str, Any]:
-        """Extra keyword arguments of the core for this mechanism (ALiBi: its slopes)."""
-        return {}
-
-    def dropout_rng(self, deterministic: bool) -> jax.Array | None:
-        """A key from the ``"dropout"`` stream when dropout is on, else ``None``."""
-        dropping = not deterministic and self.dropout > 0.0
-        return self.make_rng("dropout") if dropping else None
-
-    def _dense(self, features: int, name: str) -> nn.Dense:
-        return nn.Dense(
-            features,
-            use_bias=self.bias,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.zeros,
-            name=name,
-        )
-
-    def _project(self, name: str, x: jax.Array) -> jax.Array:
-        """The ``nn.Dense`` named ``name`` applied to ``x``, read from the bound params:
-        methods other than ``__call__`` (``decode``, linear's ``step``) must not create
-        submodules."""
-        params = self.variables["params"][name]
-        y = jnp.dot(x, params["kernel"])
-        return y + params["bias"] if self.bias else y
-
-    def positional_name(self) -> str:
-        """What makes this layer positional (for the cross-attention error), or ``""``."""
-        name = type(self).__name__
-        if self.positional:
-            return name
-        return f"{name} with rope=True" if self.rope else ""
-
-    @nn.compact
     def __call__(
         self,
         x: jax.Array,
@@ -183,73 +302,12 @@ class SelfAttention(nn.Module):
         Returns:
           ``(out, weights)``: out ``(B, L, E)``, weights ``(B, H, L, S)`` or ``None``.
         """
-        num_heads, num_kv_heads = self.head_counts()
-        input_dim = self.d_model if self.input_dim is None else self.input_dim
-        validate_input(x.shape, input_dim)
-        batch, length, _ = x.shape
-        validate_context(
-            None if context is None else context.shape,
-            input_dim if self.context_dim is None else self.context_dim,
-            batch,
-            input_dim=input_dim,
-            mechanism=self.positional_name(),
-            is_causal=is_causal,
-        )
-        source = x if context is None else context
-        keys = None if context is None else context.shape[1]
-        keep = as_keep_mask(mask, batch, num_heads, length, keys)
-        q = split_heads(self._dense(num_heads * self.d_head, "w_q")(x), num_heads)
-        k = split_heads(self._dense(num_kv_heads * self.d_head, "w_k")(source), num_kv_heads)
-        v = split_heads(self._dense(num_kv_heads * self.d_head, "w_v")(source), num_kv_heads)
-        if self.rope:
-            q = apply_rope(q, base=self.rope_base, interleaved=self.rope_interleaved)
-            k = apply_rope(k, base=self.rope_base, interleaved=self.rope_interleaved)
-        out, weights = self.attend(
-            q,
-            k,
-            v,
-            keep,
+        dropping = not deterministic and self.dropout > 0.0
+        return self.forward(
+            x,
+            mask,
+            context=context,
             is_causal=is_causal,
             need_weights=need_weights,
-            deterministic=deterministic,
+            dropout_rng=self.make_rng("dropout") if dropping else None,
         )
-        return self._dense(self.d_model, "w_o")(merge_heads(out)), weights
-
-    def cache_rule(self) -> kv_cache.CacheRule:
-        """How this mechanism keeps and reads keys when decoding: dense, slot = position
-        (``attentions_jax.cache``); local, dilated and block attention say otherwise."""
-        return kv_cache.CacheRule()
-
-    def init_cache(
-        self, batch: int, max_length: int | None, *, dtype: jnp.dtype | None = None
-    ) -> kv_cache.Cache:
-        """An empty cache for ``batch`` sequences of up to ``max_length`` tokens (``dtype``:
-        the parameters' unless given): a ``KVCache``, keys and values ``(B, K, S_max, D)``
-        and lengths ``(B,)`` int32, or for local and block attention a ``WindowCache`` of
-        their last keys, for linear attention a ``LinearCache`` (``max_length=None``: no
-        limit for these three).
-
-        Call through ``apply(variables, batch, max_length, method="init_cache")``.
-        """
-        return kv_cache.init_cache(self, batch, max_length, dtype=dtype)
-
-    def decode(
-        self, cache: kv_cache.Cache, x: jax.Array, mask: jax.Array | None = None
-    ) -> tuple[kv_cache.Cache, jax.Array]:
-        """Causal attention of T new tokens ``x`` ``(B, T, input_dim)`` to the cache and to
-        each other; ``mask`` ``(B, T)`` marks the real tokens (``None``: all).
-
-        Call through ``apply(variables, cache, x, mask, method="decode")``; jit-able, and a
-        ``lax.scan`` body. Returns ``(cache, out)``: the new cache, out ``(B, T, E)``, zero
-        for padded tokens. A prompt and then one token per call give the outputs of
-        ``layer(x, is_causal=True)`` at the same positions. Writing past ``max_length``
-        raises ``ValueError`` when the lengths are concrete; under ``jax.jit`` an
-        overflowing token's output is NaN instead (``attentions_jax.cache``). No dropout.
-
-        Example::
-
-            cache = attn.apply(variables, 2, 64, method="init_cache")
-            cache, out = attn.apply(variables, cache, prompt, mask, method="decode")
-            cache, out = attn.apply(variables, cache, next_token, method="decode")
-        """
-        return kv_cache.decode(self, cache, x, mask)

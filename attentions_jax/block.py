@@ -8,11 +8,12 @@ from functools import partial
 import jax
 
 from ._validation import validate_positive
+from .base import SelfAttention
 from .cache import CacheRule
 from .masks import block_keep
-from .sparse import TiledSelfAttention, WindowTiling, is_symbolic, window_tiling
+from .sparse import TiledMechanism, WindowTiling, is_symbolic, window_tiling
 
-__all__ = ["BlockSelfAttention", "BlockTiling", "block_tiling"]
+__all__ = ["BlockMechanism", "BlockSelfAttention", "BlockTiling", "block_tiling"]
 
 
 @dataclass(frozen=True)
@@ -71,30 +72,12 @@ def block_tiling(
     )
 
 
-class BlockSelfAttention(TiledSelfAttention):
-    """Multi-head attention within fixed blocks: key j visible from query i iff
-    ``p_i // block_size == s_j // block_size``; the last block may be shorter.
+class BlockMechanism(TiledMechanism):
+    """Keys in the query's block of ``block_size`` positions, on tiles."""
 
-    The fast path (``need_weights=False``) attends block by block on reshaped q, k, v:
-    time and memory O(L · b · E), never an ``(L, S)`` tensor. ``need_weights=True``
-    scatters the blocks' weights into the dense ``(B, H, L, S)`` result (block diagonal).
-
-    Example::
-
-        attn = BlockSelfAttention(d_model=128, block_size=64, num_heads=8)
-        variables = attn.init(jax.random.key(0), x)
-        out, _ = attn.apply(variables, x, need_weights=False)   # (4, 16384, 128)
-    """
-
-    block_size: int
-    num_heads: int
-
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         validate_positive("block_size", self.block_size)
-        super().__post_init__()
-
-    def head_counts(self) -> tuple[int, int]:
-        return self.num_heads, self.num_heads
+        super().validate()
 
     def cache_rule(self) -> CacheRule:
         """Decoding: a ring of ``block_size`` slots: the current block."""
@@ -114,3 +97,22 @@ class BlockSelfAttention(TiledSelfAttention):
         return block_tiling(
             length, self.block_size, keys=keys, query_start=query_start, key_start=key_start
         )
+
+
+class BlockSelfAttention(BlockMechanism, SelfAttention):
+    """Multi-head attention within fixed blocks: key j visible from query i iff
+    ``p_i // block_size == s_j // block_size``; the last block may be shorter.
+
+    The fast path (``need_weights=False``) attends block by block on reshaped q, k, v:
+    time and memory O(L · b · E), never an ``(L, S)`` tensor. ``need_weights=True``
+    scatters the blocks' weights into the dense ``(B, H, L, S)`` result (block diagonal).
+
+    Example::
+
+        attn = BlockSelfAttention(d_model=128, block_size=64, num_heads=8)
+        variables = attn.init(jax.random.key(0), x)
+        out, _ = attn.apply(variables, x, need_weights=False)   # (4, 16384, 128)
+    """
+
+    block_size: int
+    num_heads: int

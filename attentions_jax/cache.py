@@ -76,7 +76,7 @@ from .functional import dot_product_attention, merge_heads, split_heads
 from .rope import apply_rope
 
 if TYPE_CHECKING:
-    from .base import SelfAttention
+    from .base import Mechanism
 
 __all__ = [
     "NO_LIMIT",
@@ -164,19 +164,14 @@ class NewTokens(NamedTuple):
     v: jax.Array
 
 
-def param_dtype(layer: SelfAttention) -> jnp.dtype:
-    """The dtype of the bound layer's parameters."""
-    return layer.variables["params"]["w_q"]["kernel"].dtype
-
-
 def init_cache(
-    layer: SelfAttention, batch: int, max_length: int | None, *, dtype: jnp.dtype | None = None
+    layer: Mechanism, batch: int, max_length: int | None, *, dtype: jnp.dtype | None = None
 ) -> KVCache | WindowCache:
     """An empty cache for ``batch`` sequences of up to ``max_length`` tokens (``None``: no
     limit, ring caches only). ``dtype`` defaults to the parameters' (``layer`` is bound)."""
     rule = layer.cache_rule()
     validate_cache_size(batch, max_length, fixed_size=rule.ring is not None)
-    dtype = param_dtype(layer) if dtype is None else dtype
+    dtype = layer.param_dtype() if dtype is None else dtype
     slots = max_length if rule.ring is None else rule.ring
     shape = (batch, layer.head_counts()[1], slots, layer.d_head)
     buffers = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
@@ -190,7 +185,7 @@ def limit_array(max_length: int | None) -> jax.Array:
     return jnp.asarray(NO_LIMIT if max_length is None else max_length, jnp.int32)
 
 
-def check_cache(layer: SelfAttention, cache: tuple) -> None:
+def check_cache(layer: Mechanism, cache: tuple) -> None:
     """``ValueError`` unless ``cache`` is one ``init_cache`` of this layer makes."""
     rule = layer.cache_rule()
     kind = "KVCache" if rule.ring is None else "WindowCache"
@@ -227,7 +222,7 @@ def _check_room(lengths: jax.Array, real: jax.Array, limit: int | jax.Array) -> 
 
 
 def new_tokens(
-    layer: SelfAttention,
+    layer: Mechanism,
     x: jax.Array,
     mask: jax.Array | None,
     lengths: jax.Array,
@@ -252,9 +247,9 @@ def new_tokens(
 
     positions = _positions(lengths, real)
     _check_room(lengths, real, limit)
-    q = split_heads(layer._project("w_q", x), layer.head_counts()[0])
-    k = split_heads(layer._project("w_k", x), num_kv_heads)
-    v = split_heads(layer._project("w_v", x), num_kv_heads)
+    q = split_heads(layer.project("w_q", x), layer.head_counts()[0])
+    k = split_heads(layer.project("w_k", x), num_kv_heads)
+    v = split_heads(layer.project("w_v", x), num_kv_heads)
     if layer.rope:
         rope = {"base": layer.rope_base, "interleaved": layer.rope_interleaved}
         q = apply_rope(q, positions=positions, **rope)
@@ -262,10 +257,10 @@ def new_tokens(
     return NewTokens(real, positions, real & (positions < limit), q, k, v)
 
 
-def finish(layer: SelfAttention, out: jax.Array, new: NewTokens) -> jax.Array:
+def finish(layer: Mechanism, out: jax.Array, new: NewTokens) -> jax.Array:
     """Step 6: ``(B, H, T, D) -> (B, T, E)``, zero for padded tokens, NaN past the limit
     (only reachable when traced: eagerly ``_check_room`` raised)."""
-    out = layer._project("w_o", merge_heads(out))
+    out = layer.project("w_o", merge_heads(out))
     out = jnp.where(new.real[..., None], out, 0.0)
     return jnp.where((new.real & ~new.writable)[..., None], jnp.nan, out)
 
@@ -338,7 +333,7 @@ def _ring_keys(
 
 
 def decode(
-    layer: SelfAttention,
+    layer: Mechanism,
     cache: KVCache | WindowCache,
     x: jax.Array,
     mask: jax.Array | None = None,

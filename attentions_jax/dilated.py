@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from ._validation import validate_positive
+from .base import SelfAttention
 from .block import block_tiling
 from .cache import CacheRule
 from .masks import dilation_keep
 from .sparse import (
-    TiledSelfAttention,
+    TiledMechanism,
     Tiling,
     is_symbolic,
     merge_tiles,
@@ -22,7 +23,7 @@ from .sparse import (
     take_rows,
 )
 
-__all__ = ["DilatedSelfAttention", "DilatedTiling", "dilated_tiling"]
+__all__ = ["DilatedMechanism", "DilatedSelfAttention", "DilatedTiling", "dilated_tiling"]
 
 
 @dataclass(frozen=True)
@@ -116,32 +117,12 @@ def dilated_tiling(
     )
 
 
-class DilatedSelfAttention(TiledSelfAttention):
-    """Multi-head attention over a dilated pattern: key j visible from query i iff
-    ``(p_i - s_j) % dilation_rate == 0``.
+class DilatedMechanism(TiledMechanism):
+    """Keys whose distance to the query is a multiple of ``dilation_rate``, on tiles."""
 
-    Positions are regrouped by residue mod r into r dense attentions of length
-    ``ceil(L / r)`` (a reshape): the fast path (``need_weights=False``) costs
-    O(L · S · E / r) time and runs the core's query-chunked kernel on each group, never an
-    ``(L, S)`` tensor. ``need_weights=True`` scatters the groups' weights into the dense
-    ``(B, H, L, S)`` result.
-
-    Example::
-
-        attn = DilatedSelfAttention(d_model=128, dilation_rate=4, num_heads=8)
-        variables = attn.init(jax.random.key(0), x)
-        out, _ = attn.apply(variables, x, need_weights=False)   # (4, 8192, 128)
-    """
-
-    dilation_rate: int
-    num_heads: int
-
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         validate_positive("dilation_rate", self.dilation_rate)
-        super().__post_init__()
-
-    def head_counts(self) -> tuple[int, int]:
-        return self.num_heads, self.num_heads
+        super().validate()
 
     def cache_rule(self) -> CacheRule:
         """Decoding: slot = position; a one-token step reads its residue class."""
@@ -166,3 +147,24 @@ class DilatedSelfAttention(TiledSelfAttention):
             query_start=query_start,
             key_start=key_start,
         )
+
+
+class DilatedSelfAttention(DilatedMechanism, SelfAttention):
+    """Multi-head attention over a dilated pattern: key j visible from query i iff
+    ``(p_i - s_j) % dilation_rate == 0``.
+
+    Positions are regrouped by residue mod r into r dense attentions of length
+    ``ceil(L / r)`` (a reshape): the fast path (``need_weights=False``) costs
+    O(L · S · E / r) time and runs the core's query-chunked kernel on each group, never an
+    ``(L, S)`` tensor. ``need_weights=True`` scatters the groups' weights into the dense
+    ``(B, H, L, S)`` result.
+
+    Example::
+
+        attn = DilatedSelfAttention(d_model=128, dilation_rate=4, num_heads=8)
+        variables = attn.init(jax.random.key(0), x)
+        out, _ = attn.apply(variables, x, need_weights=False)   # (4, 8192, 128)
+    """
+
+    dilation_rate: int
+    num_heads: int

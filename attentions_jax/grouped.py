@@ -1,13 +1,20 @@
-"""Grouped-query self-attention (GQA, Ainslie et al. 2023); one kv head is MQA."""
+"""GroupedMechanism-query self-attention (GQA, Ainslie et al. 2023); one kv head is MQA."""
 
 from __future__ import annotations
 
-from .base import SelfAttention
+from .base import Mechanism, SelfAttention
 
-__all__ = ["GroupedSelfAttention"]
+__all__ = ["GroupedMechanism", "GroupedSelfAttention"]
 
 
-class GroupedSelfAttention(SelfAttention):
+class GroupedMechanism(Mechanism):
+    """Groups of query heads share a key/value head."""
+
+    def head_counts(self) -> tuple[int, int]:
+        return self.num_query_heads, self.num_kv_heads
+
+
+class GroupedSelfAttention(GroupedMechanism, SelfAttention):
     """Dense attention where groups of query heads share a key/value head.
 
     Query head h reads kv head ``h // (num_query_heads // num_kv_heads)`` (contiguous
@@ -26,6 +33,3 @@ class GroupedSelfAttention(SelfAttention):
 
     num_query_heads: int
     num_kv_heads: int
-
-    def head_counts(self) -> tuple[int, int]:
-        return self.num_query_heads, self.num_kv_heads

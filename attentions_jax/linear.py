@@ -43,12 +43,12 @@ from ._validation import (
     validate_feature_map,
     validate_unscaled,
 )
-from .base import SelfAttention
-from .cache import LinearCache, field_shapes, finish, limit_array, new_tokens, param_dtype
+from .base import Mechanism, SelfAttention
+from .cache import LinearCache, field_shapes, finish, limit_array, new_tokens
 from .functional import _causal, _position_rows
 from .masks import causal_mask
 
-__all__ = ["CHUNK_SIZE", "EPS", "LinearSelfAttention", "linear_attention"]
+__all__ = ["CHUNK_SIZE", "EPS", "LinearMechanism", "LinearSelfAttention", "linear_attention"]
 
 EPS = 1e-6
 """Added to every denominator; a query that sees no key gets ``0 / EPS = 0``."""
@@ -251,42 +251,15 @@ def linear_attention(
     return out.astype(q.dtype), weights.astype(q.dtype) if need_weights else None
 
 
-class LinearSelfAttention(SelfAttention):
-    """Linear attention (Katharopoulos et al. 2020): ``phi(q)·phi(k)`` kernel, no softmax.
-
-    ``feature_map``: ``"elu"`` (``elu(x) + 1``) or ``"relu"``. There is no score scaling,
-    so ``temperature`` must stay 1.0. ``rope=True`` rotates q and k before ``phi`` (the
-    kernel stays separable, so every path stays exact, but ``phi`` being nonlinear, the
-    kernel is not a function of ``i - j`` alone). ``dropout`` drops entries of A in
-    training, which needs the quadratic path.
-
-    Complexity (fast path, ``need_weights=False``): O(L·D²·H) time without a mask or with
-    a key-padding mask; O(L·(C + D)·D·H) when causal (``lax.scan`` over chunks,
-    C = max(64, D)); O(L²·D·H) with a general ``(L, L)`` mask. ``need_weights=True``:
-    O(L²·D·H) time, O(H·L²) memory. Decoding (``init_cache`` / ``decode`` through
-    ``apply(..., method=...)``): the recurrent state, O(D²·H) per token.
-
-    Example::
-
-        attn = LinearSelfAttention(d_model=512, num_heads=8)
-        variables = attn.init(jax.random.key(0), x)
-        out, _ = attn.apply(variables, x, is_causal=True, need_weights=False)
-        cache = attn.apply(variables, 1, method="init_cache")
-        cache, y = attn.apply(variables, cache, x[:, :1], method="decode")   # (1, 1, 512)
-    """
+class LinearMechanism(Mechanism):
+    """The ``phi(q)·phi(k)`` kernel without softmax; decoding keeps the recurrent state."""
 
     chunk_size = CHUNK_SIZE
 
-    num_heads: int = 1
-    feature_map: str = "elu"
-
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         validate_feature_map(self.feature_map)
         validate_unscaled(self.temperature)
-        super().__post_init__()
-
-    def head_counts(self) -> tuple[int, int]:
-        return self.num_heads, self.num_heads
+        super().validate()
 
     def attend(
         self,
@@ -297,7 +270,7 @@ class LinearSelfAttention(SelfAttention):
         *,
         is_causal: bool,
         need_weights: bool,
-        deterministic: bool,
+        dropout_rng: jax.Array | None = None,
         query_positions: jax.Array | int | None = None,
         key_positions: jax.Array | int | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
@@ -311,7 +284,7 @@ class LinearSelfAttention(SelfAttention):
             is_causal=is_causal,
             feature_map=self.feature_map,
             dropout_rate=self.dropout,
-            dropout_rng=self.dropout_rng(deterministic),
+            dropout_rng=dropout_rng,
             need_weights=need_weights,
             chunk_size=self.chunk_size,
             query_positions=query_positions,
@@ -329,7 +302,7 @@ class LinearSelfAttention(SelfAttention):
         Call through ``apply(variables, batch, max_length, method="init_cache")``.
         """
         validate_cache_size(batch, max_length, fixed_size=True)
-        dtype = _accumulation_dtype(param_dtype(self)) if dtype is None else dtype
+        dtype = _accumulation_dtype(self.param_dtype()) if dtype is None else dtype
         shape = (batch, self.num_heads, self.d_head)
         return LinearCache(
             kv=jnp.zeros((*shape, self.d_head), dtype),
@@ -367,3 +340,31 @@ class LinearSelfAttention(SelfAttention):
             max_length=cache.max_length,
         )
         return cache, finish(self, out, new)
+
+
+class LinearSelfAttention(LinearMechanism, SelfAttention):
+    """Linear attention (Katharopoulos et al. 2020): ``phi(q)·phi(k)`` kernel, no softmax.
+
+    ``feature_map``: ``"elu"`` (``elu(x) + 1``) or ``"relu"``. There is no score scaling,
+    so ``temperature`` must stay 1.0. ``rope=True`` rotates q and k before ``phi`` (the
+    kernel stays separable, so every path stays exact, but ``phi`` being nonlinear, the
+    kernel is not a function of ``i - j`` alone). ``dropout`` drops entries of A in
+    training, which needs the quadratic path.
+
+    Complexity (fast path, ``need_weights=False``): O(L·D²·H) time without a mask or with
+    a key-padding mask; O(L·(C + D)·D·H) when causal (``lax.scan`` over chunks,
+    C = max(64, D)); O(L²·D·H) with a general ``(L, L)`` mask. ``need_weights=True``:
+    O(L²·D·H) time, O(H·L²) memory. Decoding (``init_cache`` / ``decode`` through
+    ``apply(..., method=...)``): the recurrent state, O(D²·H) per token.
+
+    Example::
+
+        attn = LinearSelfAttention(d_model=512, num_heads=8)
+        variables = attn.init(jax.random.key(0), x)
+        out, _ = attn.apply(variables, x, is_causal=True, need_weights=False)
+        cache = attn.apply(variables, 1, method="init_cache")
+        cache, y = attn.apply(variables, cache, x[:, :1], method="decode")   # (1, 1, 512)
+    """
+
+    num_heads: int = 1
+    feature_map: str = "elu"

@@ -9,11 +9,12 @@ from functools import partial
 import jax
 
 from ._validation import validate_positive
+from .base import SelfAttention
 from .cache import CacheRule
 from .masks import window_keep
-from .sparse import TiledSelfAttention, WindowTiling, is_symbolic, window_tiling
+from .sparse import TiledMechanism, WindowTiling, is_symbolic, window_tiling
 
-__all__ = ["LocalSelfAttention", "LocalTiling", "local_tiling"]
+__all__ = ["LocalMechanism", "LocalSelfAttention", "LocalTiling", "local_tiling"]
 
 MIN_CHUNK = 32
 """Fewest queries per tile: smaller tiles make too many small matrix products."""
@@ -73,30 +74,12 @@ def local_tiling(
     )
 
 
-class LocalSelfAttention(TiledSelfAttention):
-    """Multi-head attention within a sliding window: key j visible from query i iff
-    ``|p_i - s_j| <= window_size // 2`` (a window of ``window_size`` keys for odd sizes).
+class LocalMechanism(TiledMechanism):
+    """Keys within ``window_size // 2`` positions of the query, on tiles."""
 
-    The fast path (``need_weights=False``) computes only the band, chunk by chunk: time and
-    memory O(L · w · E), never an ``(L, S)`` tensor. ``need_weights=True`` scatters the
-    band's weights into the dense ``(B, H, L, S)`` result (zero outside the window).
-
-    Example::
-
-        attn = LocalSelfAttention(d_model=128, window_size=64, num_heads=8)
-        variables = attn.init(jax.random.key(0), x)
-        out, _ = attn.apply(variables, x, need_weights=False)   # (4, 16384, 128)
-    """
-
-    window_size: int
-    num_heads: int
-
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         validate_positive("window_size", self.window_size)
-        super().__post_init__()
-
-    def head_counts(self) -> tuple[int, int]:
-        return self.num_heads, self.num_heads
+        super().validate()
 
     def cache_rule(self) -> CacheRule:
         """Decoding: a ring of the ``window_size // 2`` keys before a query (at least one slot)."""
@@ -122,3 +105,22 @@ class LocalSelfAttention(TiledSelfAttention):
             query_start=query_start,
             key_start=key_start,
         )
+
+
+class LocalSelfAttention(LocalMechanism, SelfAttention):
+    """Multi-head attention within a sliding window: key j visible from query i iff
+    ``|p_i - s_j| <= window_size // 2`` (a window of ``window_size`` keys for odd sizes).
+
+    The fast path (``need_weights=False``) computes only the band, chunk by chunk: time and
+    memory O(L · w · E), never an ``(L, S)`` tensor. ``need_weights=True`` scatters the
+    band's weights into the dense ``(B, H, L, S)`` result (zero outside the window).
+
+    Example::
+
+        attn = LocalSelfAttention(d_model=128, window_size=64, num_heads=8)
+        variables = attn.init(jax.random.key(0), x)
+        out, _ = attn.apply(variables, x, need_weights=False)   # (4, 16384, 128)
+    """
+
+    window_size: int
+    num_heads: int

@@ -21,6 +21,3 @@ class MultiHeadSelfAttention(SelfAttention):
     """
 
     num_heads: int
-
-    def head_counts(self) -> tuple[int, int]:
-        return self.num_heads, self.num_heads

@@ -26,6 +26,3 @@ class RotarySelfAttention(SelfAttention):
 
     num_heads: int
     rope: bool = _option(True)
-
-    def head_counts(self) -> tuple[int, int]:
-        return self.num_heads, self.num_heads

@@ -41,12 +41,12 @@ import jax
 import jax.numpy as jnp
 
 from ._validation import validate_start
-from .base import SelfAttention
+from .base import Mechanism
 from .functional import dot_product_attention
 from .masks import combine_masks
 
 __all__ = [
-    "TiledSelfAttention",
+    "TiledMechanism",
     "Tiling",
     "WindowTiling",
     "is_symbolic",
@@ -402,11 +402,11 @@ def tiled_attention(
     return out, _scatter(weights, tiling)
 
 
-class TiledSelfAttention(SelfAttention):
-    """A ``SelfAttention`` whose pattern is computed on the tiles of ``tiling``."""
+class TiledMechanism(Mechanism):
+    """A mechanism whose pattern is computed on the tiles of ``tiling``."""
 
     positional = True
-    """The patterns are stated on positions: no cross-attention (``base.SelfAttention``)."""
+    """The patterns are stated on positions: no cross-attention (``base.Mechanism``)."""
 
     def tiling(
         self,
@@ -430,11 +430,11 @@ class TiledSelfAttention(SelfAttention):
         *,
         is_causal: bool,
         need_weights: bool,
-        deterministic: bool,
+        dropout_rng: jax.Array | None = None,
         query_positions: int | None = None,
         key_positions: int | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """As ``SelfAttention.attend``, with positions given as start offsets only (Python
+        """As ``Mechanism.attend``, with positions given as start offsets only (Python
         ints): the tiles are planned from them."""
         validate_start("query_positions", query_positions)
         validate_start("key_positions", key_positions)
@@ -454,6 +454,6 @@ class TiledSelfAttention(SelfAttention):
             is_causal=is_causal,
             scale=self.scale,
             dropout_rate=self.dropout,
-            dropout_rng=self.dropout_rng(deterministic),
+            dropout_rng=dropout_rng,
             need_weights=need_weights,
         )

@@ -46,7 +46,10 @@ from .convert import (  # noqa: E402
     cache_to_jax,
     cache_to_torch,
     flax_to_torch,
+    nnx_params,
+    nnx_to_torch,
     torch_to_flax,
+    torch_to_nnx,
 )
 from .io import load_flax_params, load_state_dict, save_flax_params, save_state_dict  # noqa: E402
 from .mechanisms import MECHANISMS, Mechanism  # noqa: E402
@@ -65,7 +68,10 @@ __all__ = [
     "flax_to_torch",
     "load_flax_params",
     "load_state_dict",
+    "nnx_params",
+    "nnx_to_torch",
     "save_flax_params",
     "save_state_dict",
     "torch_to_flax",
+    "torch_to_nnx",
 ]

@@ -4,7 +4,8 @@ For every mechanism, dtype and mask it builds the PyTorch layer, moves its weigh
 Flax twin, runs both, and prints the largest error of the output, the attention weights,
 the input gradient and the parameter gradients, with PASS/FAIL against the tolerances of
 docs/semantics.md. Exits 1 on any FAIL. float32 and bfloat16 rows run in JAX's default
-mode; float64 rows turn on 64-bit mode for their own comparison only.
+mode; float64 rows turn on 64-bit mode for their own comparison only. ``--nnx`` compares
+the PyTorch layers against the Flax NNX layers (``attentions_jax.nnx``) instead of linen.
 """
 
 from __future__ import annotations
@@ -69,10 +70,15 @@ def _row(mechanism: Mechanism, dtype: str, mask_kind: str, report: Report) -> di
 
 
 def run(
-    mechanisms: list[str], dtypes: list[str], progress: bool = True, device: str = "cpu"
+    mechanisms: list[str],
+    dtypes: list[str],
+    progress: bool = True,
+    device: str = "cpu",
+    nnx: bool = False,
 ) -> list[dict[str, Any]]:
     """Compare every (mechanism, dtype, mask) on ``device`` and return one row for each;
-    the mechanisms without positions also get the cross-attention rows (``CROSS_MASKS``)."""
+    the mechanisms without positions also get the cross-attention rows (``CROSS_MASKS``).
+    ``nnx``: against the NNX layers instead of the linen ones."""
     cases = [
         (m, d, k)
         for m in MECHANISMS
@@ -87,7 +93,7 @@ def run(
         torch.manual_seed(0)
         report = compare_layers(
             mechanism.torch_layer(**cross),
-            mechanism.flax_layer(**cross),
+            mechanism.nnx_layer(**cross) if nnx else mechanism.flax_layer(**cross),
             **inputs,
             dtype=dtype,
             device=device,
@@ -135,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where the frameworks run: cpu (default); cuda or gpu (the same: both on the GPU); "
         "tpu (JAX on the TPU against PyTorch on the CPU). An absent device is an error",
     )
+    parser.add_argument(
+        "--nnx",
+        action="store_true",
+        help="compare against the Flax NNX layers (attentions_jax.nnx) instead of linen",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-': stdout)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -143,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     except devices.DeviceUnavailableError as error:
         parser.error(str(error))
     rows = run(
-        args.mechanism or names, args.dtype or list(DTYPES), not args.no_progress, args.device
+        args.mechanism or names,
+        args.dtype or list(DTYPES),
+        not args.no_progress,
+        args.device,
+        nnx=args.nnx,
     )
     if args.json == "-":
         json.dump(rows, sys.stdout, indent=2)

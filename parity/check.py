@@ -46,10 +46,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 from torch import nn
 
 from . import devices
-from .convert import ConversionError, _flatten, _unflatten, flax_to_numpy_state, torch_to_flax
+from .convert import (
+    ConversionError,
+    _flatten,
+    _linen_path,
+    _unflatten,
+    flax_to_numpy_state,
+    nnx_params,
+    torch_to_flax,
+)
 
 __all__ = ["DTYPES", "Comparison", "Report", "compare_layers", "enable_x64"]
 
@@ -190,7 +199,7 @@ def _run_torch(
 
 
 def _run_flax(
-    layer: fnn.Module,
+    layer: fnn.Module | nnx.Module,
     params: Mapping[str, Any],
     x: np.ndarray,
     mask: np.ndarray | None,
@@ -205,9 +214,11 @@ def _run_flax(
     mj = None if mask is None else jnp.asarray(mask)
     cj = None if context is None else jnp.asarray(context, dtype=jdtype)
 
+    apply, params = _applier(layer, params)
+
     def loss_fn(params, xj, cj):
         extra = {} if cj is None else {"context": cj}
-        out, weights = layer.apply({"params": params}, xj, mj, **call, **extra)
+        out, weights = apply(params, xj, mj, **call, **extra)
         loss = (out.astype(acc) * jnp.asarray(_cotangent(out.shape, 1), acc)).sum()
         if weights is not None:
             loss = (
@@ -224,6 +235,8 @@ def _run_flax(
         result["grad context"] = grad_context
     if weights is not None:
         result["weights"] = weights
+    if isinstance(layer, nnx.Module):
+        grad_params = _linen_params(grad_params)
     result.update({f"grad {n}": g for n, g in flax_to_numpy_state(grad_params).items()})
     return {
         k: np.asarray(
@@ -233,9 +246,36 @@ def _run_flax(
     }
 
 
+def _linen_params(state: nnx.State) -> dict[str, Any]:
+    """An ``nnx.Param`` state (or its gradient) as linen-style params."""
+    flat = _flatten(state.to_pure_dict())
+    return _unflatten({_linen_path(path): value for path, value in flat.items()})
+
+
+def _applier(layer: fnn.Module | nnx.Module, params: Mapping[str, Any]):
+    """``(apply(params, x, mask, **call), params)`` for a linen or an NNX layer.
+
+    NNX: ``params`` (linen-style) are loaded into a copy of the layer, whose ``nnx.Param``
+    state becomes the differentiated argument (``nnx.split`` / ``nnx.merge``); the layer
+    runs in evaluation mode, as the PyTorch one does.
+    """
+    if not isinstance(layer, nnx.Module):
+        return (lambda p, *args, **kw: layer.apply({"params": p}, *args, **kw)), params
+    model = nnx.clone(layer)
+    model.eval()
+    graph, state, rest = nnx.split(model, nnx.Param, ...)
+    paths = {_linen_path(path): path for path in _flatten(state.to_pure_dict())}
+    nnx.replace_by_pure_dict(state, _unflatten({paths[p]: v for p, v in _flatten(params).items()}))
+
+    def apply(state, *args, **kwargs):
+        return nnx.merge(graph, state, rest)(*args, **kwargs)
+
+    return apply, state
+
+
 def _flax_params(
     torch_layer: nn.Module,
-    flax_layer: fnn.Module,
+    flax_layer: fnn.Module | nnx.Module,
     x: np.ndarray,
     mask: np.ndarray | None,
     dtype: str,
@@ -256,6 +296,8 @@ def _flax_params(
         call = {**call, "context": jnp.asarray(context, dtype=jdtype)}
 
     def init():
+        if isinstance(flax_layer, nnx.Module):  # built with its parameters
+            return jax.tree.map(lambda v: v.astype(jdtype), nnx_params(flax_layer))
         return flax_layer.init(jax.random.key(0), xj, mj, **call)["params"]
 
     converted = _flatten(torch_to_flax(copy.deepcopy(torch_layer).to(_TORCH_DTYPES[dtype])))
@@ -279,7 +321,7 @@ def _flax_params(
 
 def compare_layers(
     torch_layer: nn.Module,
-    flax_layer: fnn.Module,
+    flax_layer: fnn.Module | nnx.Module,
     x: np.ndarray,
     mask: np.ndarray | None = None,
     *,
@@ -295,7 +337,8 @@ def compare_layers(
 
     Args:
       torch_layer: the reference; its weights are copied into the Flax layer.
-      flax_layer: the Flax twin (an unbound module with the same configuration).
+      flax_layer: the Flax twin with the same configuration: an unbound linen module, or
+        an NNX module (``attentions_jax.nnx``; its own parameters are left unchanged).
       x: ``(B, L, input_dim)`` input, any float dtype (cast to ``dtype`` on both sides).
       mask: optional keep-mask (NumPy), passed to both layers.
       context: optional ``(B, S, context_dim)`` keys-and-values input (cross-attention),

@@ -42,6 +42,11 @@ How the rule for a ``weight`` is chosen, PyTorch to Flax:
   a ``ConversionError`` naming the key: pass the module, or ``like=``. An ``Embedding``
   needs the module or ``like=`` (read bare, it would be transposed as a ``Linear``).
 
+Flax NNX models (``torch_to_nnx`` / ``nnx_to_torch``) use the same rules: an NNX model's
+``nnx.Param`` state is read as linen params, its list items ``blocks.0`` (NNX's path
+``("blocks", 0)``) as linen's ``blocks_0``, so ``a.b.0.c`` in PyTorch is ``a.b.0.c`` in
+NNX too.
+
 Flax to PyTorch needs no types: a ``kernel`` of rank 2 is a ``Dense`` kernel, of rank 3 or
 more a ``Conv`` kernel (so a ``DenseGeneral`` kernel, rank 3+, does not convert), and
 ``scale`` and ``embedding`` become ``weight``.
@@ -59,6 +64,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import torch
+from flax import nnx
 from torch import nn
 
 __all__ = [
@@ -67,8 +73,11 @@ __all__ = [
     "cache_to_torch",
     "flax_to_numpy_state",
     "flax_to_torch",
+    "nnx_params",
+    "nnx_to_torch",
     "numpy_state_to_flax",
     "torch_to_flax",
+    "torch_to_nnx",
 ]
 
 _LIST_INDEX = re.compile(r"^(.+)_(\d+)$")
@@ -372,6 +381,53 @@ def flax_to_torch(
             "state_dict does not match",
         )
     return state
+
+
+def _linen_path(path: tuple) -> tuple[str, ...]:
+    """An NNX state path as a linen one: an integer index joins its parent (``b``, 0 ->
+    ``b_0``)."""
+    names: list[str] = []
+    for key in path:
+        if isinstance(key, int) and names:
+            names[-1] = f"{names[-1]}_{key}"
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
+def nnx_params(model: nnx.Module) -> dict[str, Any]:
+    """An NNX model's ``nnx.Param`` values as linen-style params (``blocks_0/...``)."""
+    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    return _unflatten({_linen_path(path): value for path, value in _flatten(pure).items()})
+
+
+def torch_to_nnx(source: nn.Module | Mapping[str, torch.Tensor], model: nnx.Module) -> nnx.Module:
+    """Load a PyTorch module's (or ``state_dict``'s) weights into an NNX ``model``, in place.
+
+    The rules of ``torch_to_flax``, checked against the model's own ``nnx.Param`` tree: a
+    ``ConversionError`` names every missing, unexpected or mis-shaped entry. The values
+    (and so the dtype) are the PyTorch weights', bit for bit. Returns ``model``.
+
+    Example::
+
+        layer = attentions_jax.nnx.MultiHeadSelfAttention(64, 8, rngs=nnx.Rngs(0))
+        parity.torch_to_nnx(torch_layer, layer)
+    """
+    state = nnx.state(model, nnx.Param)
+    pure = state.to_pure_dict()
+    paths = {_linen_path(path): path for path in _flatten(pure)}
+    params = _flatten(torch_to_flax(source, like=nnx_params(model)))
+    nnx.replace_by_pure_dict(state, _unflatten({paths[p]: v for p, v in params.items()}))
+    nnx.update(model, state)
+    return model
+
+
+def nnx_to_torch(
+    model: nnx.Module, *, like: nn.Module | Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """A ``state_dict`` from an NNX model's parameters (``flax_to_torch`` of
+    ``nnx_params(model)``); ``like`` checks names and shapes as there."""
+    return flax_to_torch(nnx_params(model), like=like)
 
 
 CACHES = ("KVCache", "WindowCache", "LinearCache")

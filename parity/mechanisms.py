@@ -110,6 +110,14 @@ class Mechanism:
         """The Flax layer with the small configuration (``overrides`` replace entries)."""
         return self.layer_class("jax")(**{**self.kwargs, **overrides})
 
+    def nnx_layer(self, *, seed: int = 0, **overrides: Any):
+        """The Flax NNX layer (``attentions_jax.nnx``) with the small configuration, its
+        parameters drawn from ``nnx.Rngs(seed)``."""
+        from flax import nnx
+
+        cls = getattr(importlib.import_module("attentions_jax.nnx"), self.class_name)
+        return cls(**{**self.kwargs, **overrides}, rngs=nnx.Rngs(seed))
+
 
 def _package(framework: str):
     if framework not in ("torch", "jax"):

@@ -17,7 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     ("package", "forbidden"),
-    [("attentions_torch", ("jax", "flax", "optax", "chex")), ("attentions_jax", ("torch",))],
+    [
+        ("attentions_torch", ("jax", "flax", "optax", "chex")),
+        ("attentions_jax", ("torch",)),
+        ("attentions_jax.nnx", ("torch",)),
+    ],
 )
 def test_package_imports_without_the_other_framework(package, forbidden):
     code = (

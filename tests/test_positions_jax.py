@@ -266,7 +266,6 @@ def _sparse_run(layer, is_causal: bool, query_start: int, key_start: int):
     def run(q, k, v, mask):
         call = dict(
             is_causal=is_causal,
-            deterministic=True,
             query_positions=query_start,
             key_positions=key_start,
             method="attend",
@@ -377,7 +376,6 @@ def test_dense_layers_attend_on_positions(name, rng):
             _rank4(mask),
             is_causal=True,
             need_weights=need_weights,
-            deterministic=True,
             query_positions=jnp.asarray(qpos),
             key_positions=kpos,
             method="attend",
@@ -421,7 +419,6 @@ def test_tiled_mechanisms_take_int_starts_only(name, rng):
                 None,
                 is_causal=False,
                 need_weights=False,
-                deterministic=True,
                 query_positions=value,
                 method="attend",
             )
@@ -434,7 +431,6 @@ def test_tiled_mechanisms_take_int_starts_only(name, rng):
             None,
             is_causal=False,
             need_weights=False,
-            deterministic=True,
             key_positions=np.arange(S),
             method="attend",
         )

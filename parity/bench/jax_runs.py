@@ -166,7 +166,6 @@ def _core_program(mechanism: Mechanism, cell: Cell, pattern: str | None):
             None,
             is_causal=cell.is_causal,
             need_weights=False,
-            deterministic=True,
             method="attend",
         )[0]
 
