@@ -110,6 +110,11 @@ class SelfAttention(Mechanism, nnx.Module):
     def project(self, name: str, x: jax.Array) -> jax.Array:
         return getattr(self, name)(x)
 
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """``nnx.view(model, deterministic=...)`` sets the mode, as on ``nnx.Dropout``."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
     def param_dtype(self) -> jnp.dtype:
         return self.w_q.kernel[...].dtype
 

@@ -248,7 +248,7 @@ def _run_flax(
 
 def _linen_params(state: nnx.State) -> dict[str, Any]:
     """An ``nnx.Param`` state (or its gradient) as linen-style params."""
-    flat = _flatten(state.to_pure_dict())
+    flat = _flatten(nnx.to_pure_dict(state))
     return _unflatten({_linen_path(path): value for path, value in flat.items()})
 
 
@@ -264,7 +264,7 @@ def _applier(layer: fnn.Module | nnx.Module, params: Mapping[str, Any]):
     model = nnx.clone(layer)
     model.eval()
     graph, state, rest = nnx.split(model, nnx.Param, ...)
-    paths = {_linen_path(path): path for path in _flatten(state.to_pure_dict())}
+    paths = {_linen_path(path): path for path in _flatten(nnx.to_pure_dict(state))}
     nnx.replace_by_pure_dict(state, _unflatten({paths[p]: v for p, v in _flatten(params).items()}))
 
     def apply(state, *args, **kwargs):

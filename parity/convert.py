@@ -397,7 +397,7 @@ def _linen_path(path: tuple) -> tuple[str, ...]:
 
 def nnx_params(model: nnx.Module) -> dict[str, Any]:
     """An NNX model's ``nnx.Param`` values as linen-style params (``blocks_0/...``)."""
-    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return _unflatten({_linen_path(path): value for path, value in _flatten(pure).items()})
 
 
@@ -414,7 +414,7 @@ def torch_to_nnx(source: nn.Module | Mapping[str, torch.Tensor], model: nnx.Modu
         parity.torch_to_nnx(torch_layer, layer)
     """
     state = nnx.state(model, nnx.Param)
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
     paths = {_linen_path(path): path for path in _flatten(pure)}
     params = _flatten(torch_to_flax(source, like=nnx_params(model)))
     nnx.replace_by_pure_dict(state, _unflatten({paths[p]: v for p, v in params.items()}))
