@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from . import cache as kv_cache
+from . import parallel
 from ._validation import (
     validate_context,
     validate_heads,
@@ -162,6 +163,31 @@ class Mechanism:
             key_positions=key_positions,
         )
 
+    def attend_sharded(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        positions: jax.Array,
+    ) -> jax.Array:
+        """Core attention of this device's shard to the sequence sharded over
+        ``spec.axis`` (``attentions_jax.parallel``): q ``(B, H, Ll, D)``, k/v
+        ``(B, K, Ll, D)`` at the global ``positions`` ``(Ll,)``; the dense family's ring."""
+        return parallel.ring_attention(
+            q,
+            k,
+            v,
+            axis=spec.axis,
+            layout=spec.layout,
+            is_causal=is_causal,
+            scale=self.scale,
+            query_positions=positions,
+            **self.core_options(),
+        )
+
     def forward(
         self,
         x: jax.Array,
@@ -171,9 +197,20 @@ class Mechanism:
         is_causal: bool,
         need_weights: bool,
         dropout_rng: jax.Array | None,
+        sequence_parallel: str | parallel.SequenceParallel | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """The layer's call (see ``SelfAttention.__call__``), dropout drawn from
         ``dropout_rng`` when it is given."""
+        if sequence_parallel is not None:
+            return self._forward_sharded(
+                x,
+                mask,
+                context=context,
+                is_causal=is_causal,
+                need_weights=need_weights,
+                dropping=dropout_rng is not None,
+                spec=parallel.as_sequence_parallel(sequence_parallel),
+            )
         num_heads, num_kv_heads = self.head_counts()
         input_dim = self.d_model if self.input_dim is None else self.input_dim
         validate_input(x.shape, input_dim)
@@ -199,6 +236,47 @@ class Mechanism:
             q, k, v, keep, is_causal=is_causal, need_weights=need_weights, dropout_rng=dropout_rng
         )
         return self.project("w_o", merge_heads(out)), weights
+
+    def _forward_sharded(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        *,
+        context: jax.Array | None,
+        is_causal: bool,
+        need_weights: bool,
+        dropping: bool,
+        spec: parallel.SequenceParallel,
+    ) -> tuple[jax.Array, None]:
+        """The call on this device's shard ``x`` ``(B, Ll, input_dim)`` (inside
+        ``shard_map``): project, RoPE at the global positions, ring, project out."""
+        parallel.check_call(
+            type(self).__name__,
+            need_weights=need_weights,
+            mask=mask,
+            context=context,
+            dropping=dropping,
+        )
+        num_heads, num_kv_heads = self.head_counts()
+        validate_input(x.shape, self.d_model if self.input_dim is None else self.input_dim)
+        if type(self).attend is not Mechanism.attend:
+            # the compact kernels of the patterns (sparse.py) and linear attention: no ring yet
+            raise ValueError(
+                f"{type(self).__name__} does not support sequence_parallel yet; the dense "
+                "mechanisms (vanilla, multi-head, grouped, ALiBi, rotary) do"
+            )
+        shards = jax.lax.axis_size(spec.axis)
+        rank = jax.lax.axis_index(spec.axis)
+        positions = parallel.shard_positions(rank, shards, x.shape[1], spec.layout)
+        q = split_heads(self.project("w_q", x), num_heads)
+        k = split_heads(self.project("w_k", x), num_kv_heads)
+        v = split_heads(self.project("w_v", x), num_kv_heads)
+        if self.rope:
+            rope = {"positions": positions, "base": self.rope_base}
+            q = apply_rope(q, **rope, interleaved=self.rope_interleaved)
+            k = apply_rope(k, **rope, interleaved=self.rope_interleaved)
+        out = self.attend_sharded(q, k, v, spec, is_causal=is_causal, positions=positions)
+        return self.project("w_o", merge_heads(out)), None
 
     def init_cache(
         self, batch: int, max_length: int | None, *, dtype: jnp.dtype | None = None
@@ -285,6 +363,7 @@ class SelfAttention(Mechanism, nn.Module):
         is_causal: bool = False,
         need_weights: bool = True,
         deterministic: bool = True,
+        sequence_parallel: str | parallel.SequenceParallel | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """Self-attention over ``x``, or cross-attention from ``x`` to ``context``.
 
@@ -298,6 +377,11 @@ class SelfAttention(Mechanism, nn.Module):
           need_weights: return the ``(B, H, L, S)`` weights; ``False`` takes the fast path
             and returns ``None`` for them (static under ``jax.jit``).
           deterministic: no dropout; otherwise draws from the ``"dropout"`` rng stream.
+          sequence_parallel: a mesh axis name (or ``parallel.SequenceParallel(axis,
+            layout)``): inside ``jax.shard_map``, ``x`` is this device's shard
+            ``(B, L/N, input_dim)`` of a sequence sharded over that axis, and the layer
+            attends to the whole sequence by ring attention (``attentions_jax.parallel``;
+            fast path only: ``need_weights=False``, no mask, context or dropout).
 
         Returns:
           ``(out, weights)``: out ``(B, L, E)``, weights ``(B, H, L, S)`` or ``None``.
@@ -310,4 +394,5 @@ class SelfAttention(Mechanism, nn.Module):
             is_causal=is_causal,
             need_weights=need_weights,
             dropout_rng=self.make_rng("dropout") if dropping else None,
+            sequence_parallel=sequence_parallel,
         )

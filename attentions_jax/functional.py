@@ -482,12 +482,14 @@ def _step_gradients(
     out: jax.Array,
     lse: jax.Array,
     d_out: jax.Array,
+    d_lse: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """One step of FlashAttention-2's backward: ``(dq, dkᵀ, dvᵀ, d_slopes)`` for queries
     ``(b, G·k, l, D)`` against keys ``(b, k, S, D)``, from the step's saved output and
     log-sum-exp. ``dkᵀ``/``dvᵀ`` ``(b, k, D, S)`` are summed over the G query heads of
     each kv head; ``d_slopes`` ``(G·k,)`` is the ALiBi slopes' gradient (``None`` without
-    ALiBi)."""
+    ALiBi). ``d_lse`` ``(b, G·k, l, 1)``: the log-sum-exp's cotangent when it is an output
+    too (``attention_with_lse``); ``d lse / d score = P`` adds ``P·d_lse`` to dS."""
     batch, heads, length, d_head = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     acc = out.dtype
@@ -508,6 +510,8 @@ def _step_gradients(
     )
     d_weights = _scores(d_out, v, None, 1.0)  # dO Vᵀ, (B, H, L, S)
     delta = jnp.sum(d_out * out, axis=-1, keepdims=True)
+    if d_lse is not None:
+        delta = delta - d_lse.astype(acc)
     d_scores = weights * (d_weights - delta)
     d_q = _apply_weights(d_scores, k) * scale
     scaled_q = (q.astype(acc) * scale).reshape(*grouped, d_head)
@@ -521,6 +525,100 @@ def _step_gradients(
     return d_q, d_k, d_v, d_slopes
 
 
+def _walk(plan: _Steps, mask, bias, query_positions):
+    """The operands ``plan``'s steps read: mask, bias and positions padded like the queries."""
+    if not _is_start(query_positions):
+        query_positions = plan.pad(query_positions, 0)
+    return plan.pad(mask, False), plan.pad(bias, 0), query_positions
+
+
+def _chunked_forward(
+    q, k, v, slopes, mask, bias, query_positions, key_rows, *, is_causal: bool, scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """``(out (B, H, L, D), lse (B, H, L, 1))`` in float32 or wider, step by step."""
+    plan = _Steps(q, k, is_causal, scale, STEP_PAIRS)
+    step_mask, step_bias, step_positions = _walk(plan, mask, bias, query_positions)
+    padded_q = plan.pad(q, 0)
+
+    def step(index):
+        qs, keep, bias_s, _ = plan.inputs(
+            index, padded_q, step_mask, step_bias, slopes, step_positions, key_rows
+        )
+        ks, vs = plan.kv(index, k), plan.kv(index, v)
+        return _output_and_lse(qs, ks, vs, keep, bias_s, scale)
+
+    count = plan.units * plan.steps
+    if isinstance(count, int) and count == 1:
+        # one step (a decoding step, small problems): no loop, whose state would copy
+        # the keys and values in
+        out, lse = (x[None] for x in step(jnp.asarray(0)))
+    else:
+        out, lse = lax.map(step, jnp.arange(count))
+    return plan.merge(out), plan.merge(lse)
+
+
+def _chunked_backward(
+    operands: tuple,
+    out: jax.Array,
+    lse: jax.Array,
+    d_out: jax.Array,
+    d_lse: jax.Array | None,
+    *,
+    is_causal: bool,
+    scale: float,
+) -> tuple:
+    """FlashAttention-2's backward over the forward's steps: the cotangents of
+    ``operands = (q, k, v, slopes, mask, query_positions, key_rows)`` (``None`` for the
+    mask and positions) from the saved ``out`` and ``lse`` (no caller's bias)."""
+    q, k, v, slopes, mask, query_positions, key_rows = operands
+    plan = _Steps(q, k, is_causal, scale, BACKWARD_PAIRS)
+    step_mask, step_bias, step_positions = _walk(plan, mask, None, query_positions)
+    if d_lse is None:
+        d_lse = jnp.zeros_like(lse)
+    padded = [plan.pad(x, 0) for x in (q, out, lse, d_out, d_lse)]
+
+    def step(carry, index):
+        d_k, d_v, d_slopes = carry
+        qs, keep, bias_s, distance = plan.inputs(
+            index, padded[0], step_mask, step_bias, slopes, step_positions, key_rows
+        )
+        outs, lses, d_outs, d_lses = (plan.queries(index, x) for x in padded[1:])
+        ks, vs = plan.kv(index, k), plan.kv(index, v)
+        d_qs, d_ks, d_vs, d_ss = _step_gradients(
+            qs, ks, vs, keep, bias_s, distance, scale, outs, lses, d_outs, d_lses
+        )
+        b, kv, _ = plan.where(index)
+        d_k = _add_at(d_k, d_ks, (b, kv))
+        d_v = _add_at(d_v, d_vs, (b, kv))
+        if d_ss is not None:
+            d_slopes = _add_at(d_slopes, d_ss, (kv * plan.group,))
+        return (d_k, d_v, d_slopes), d_qs
+
+    zeros = (  # dKᵀ, dVᵀ: (B, K, D, S)
+        jnp.zeros(k.swapaxes(2, 3).shape, plan.acc),
+        jnp.zeros(v.swapaxes(2, 3).shape, plan.acc),
+        None if slopes is None else jnp.zeros(slopes.shape, plan.acc),
+    )
+    zeros = _varying_like(zeros, q, k, v, d_out, d_lse)
+    (d_k, d_v, d_slopes), d_q = lax.scan(step, zeros, jnp.arange(plan.units * plan.steps))
+    d_q = plan.merge(d_q)
+    d_k, d_v = d_k.swapaxes(2, 3), d_v.swapaxes(2, 3)
+    d_slopes = None if slopes is None else _sum_varying(d_slopes, slopes).astype(slopes.dtype)
+    nothing = (None, None, None)  # the mask and positions: not differentiable
+    return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_slopes, *nothing)
+
+
+def _operands(q, k, alibi_slopes, query_positions, key_positions) -> tuple:
+    """The slopes and positions as the steps read them: slopes in the accumulation dtype,
+    array positions as rows, key positions always as rows."""
+    slopes = (
+        None if alibi_slopes is None else jnp.asarray(alibi_slopes, _accumulation_dtype(q.dtype))
+    )
+    if not _is_start(query_positions):
+        query_positions = _position_rows(query_positions, q.shape[2])
+    return slopes, query_positions, _position_rows(key_positions, k.shape[2])
+
+
 def _chunked_attention(
     q: jax.Array,
     k: jax.Array,
@@ -532,9 +630,10 @@ def _chunked_attention(
     scale: float,
     query_positions: Positions,
     key_positions: Positions,
-) -> jax.Array:
-    """Output ``(B, H, L, D)`` in float32 or wider, computed step by step, no weights kept
-    (see ``STEP_PAIRS`` and ``_Steps``).
+) -> tuple[jax.Array, jax.Array]:
+    """Output ``(B, H, L, D)`` and each query's log-sum-exp ``(B, H, L, 1)`` in float32 or
+    wider, computed step by step, no weights kept (see ``STEP_PAIRS`` and ``_Steps``).
+    A query that sees no key has output 0 and log-sum-exp the dtype's minimum.
 
     Differentiated, it keeps only q, k, v, the output and each query's log-sum-exp, and
     its backward (``jax.custom_vjp``) walks the same steps again, recomputing each step's
@@ -543,91 +642,57 @@ def _chunked_attention(
     caller's (an ``(L, S)`` operand already), autodiff of the steps serves instead.
     """
     batch = q.shape[0]
-    if isinstance(batch, int) and batch == 0:
-        return jnp.zeros((*q.shape[:3], v.shape[-1]), _accumulation_dtype(q.dtype))
     acc = _accumulation_dtype(q.dtype)
-    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, acc)
+    if isinstance(batch, int) and batch == 0:
+        return jnp.zeros((*q.shape[:3], v.shape[-1]), acc), jnp.zeros((*q.shape[:3], 1), acc)
     mask, bias = _as_rank4(mask), _as_rank4(bias)
-    if not _is_start(query_positions):
-        query_positions = _position_rows(query_positions, q.shape[2])
-    key_rows = _position_rows(key_positions, k.shape[2])
-
-    def walk(plan: _Steps, mask, query_positions):
-        """The operands ``plan``'s steps read: mask and positions padded like the queries."""
-        if not _is_start(query_positions):
-            query_positions = plan.pad(query_positions, 0)
-        return plan.pad(mask, False), plan.pad(bias, 0), query_positions
-
-    def forward(q, k, v, slopes, mask, query_positions, key_rows):
-        """``(out (B, H, L, D), lse (B, H, L, 1))`` in float32 or wider."""
-        plan = _Steps(q, k, is_causal, scale, STEP_PAIRS)
-        step_mask, step_bias, step_positions = walk(plan, mask, query_positions)
-        padded_q = plan.pad(q, 0)
-
-        def step(index):
-            qs, keep, bias_s, _ = plan.inputs(
-                index, padded_q, step_mask, step_bias, slopes, step_positions, key_rows
-            )
-            ks, vs = plan.kv(index, k), plan.kv(index, v)
-            return _output_and_lse(qs, ks, vs, keep, bias_s, scale)
-
-        count = plan.units * plan.steps
-        if isinstance(count, int) and count == 1:
-            # one step (a decoding step, small problems): no loop, whose state would copy
-            # the keys and values in
-            out, lse = (x[None] for x in step(jnp.asarray(0)))
-        else:
-            out, lse = lax.map(step, jnp.arange(count))
-        return plan.merge(out), plan.merge(lse)
-
+    slopes, query_positions, key_rows = _operands(
+        q, k, alibi_slopes, query_positions, key_positions
+    )
+    options = {"is_causal": is_causal, "scale": scale}
     if bias is not None:
-        return forward(q, k, v, slopes, mask, query_positions, key_rows)[0]
+        return _chunked_forward(q, k, v, slopes, mask, bias, query_positions, key_rows, **options)
 
     @jax.custom_vjp
     def attend(q, k, v, slopes, mask, query_positions, key_rows):
-        return forward(q, k, v, slopes, mask, query_positions, key_rows)[0]
+        return _chunked_forward(q, k, v, slopes, mask, None, query_positions, key_rows, **options)
 
-    def attend_forward(*operands):
-        out, lse = forward(*operands)
-        return out, (operands, out, lse)
-
-    def attend_backward(saved, d_out):
-        (q, k, v, slopes, mask, query_positions, key_rows), out, lse = saved
-        plan = _Steps(q, k, is_causal, scale, BACKWARD_PAIRS)
-        step_mask, step_bias, step_positions = walk(plan, mask, query_positions)
-        padded = [plan.pad(x, 0) for x in (q, out, lse, d_out)]
-
-        def step(carry, index):
-            d_k, d_v, d_slopes = carry
-            qs, keep, bias_s, distance = plan.inputs(
-                index, padded[0], step_mask, step_bias, slopes, step_positions, key_rows
-            )
-            outs, lses, d_outs = (plan.queries(index, x) for x in padded[1:])
-            ks, vs = plan.kv(index, k), plan.kv(index, v)
-            d_qs, d_ks, d_vs, d_ss = _step_gradients(
-                qs, ks, vs, keep, bias_s, distance, scale, outs, lses, d_outs
-            )
-            b, kv, _ = plan.where(index)
-            d_k = _add_at(d_k, d_ks, (b, kv))
-            d_v = _add_at(d_v, d_vs, (b, kv))
-            if d_ss is not None:
-                d_slopes = _add_at(d_slopes, d_ss, (kv * plan.group,))
-            return (d_k, d_v, d_slopes), d_qs
-
-        zeros = (  # dKᵀ, dVᵀ: (B, K, D, S)
-            jnp.zeros(k.swapaxes(2, 3).shape, plan.acc),
-            jnp.zeros(v.swapaxes(2, 3).shape, plan.acc),
-            None if slopes is None else jnp.zeros(slopes.shape, plan.acc),
+    def attend_forward(q, k, v, slopes, mask, query_positions, key_rows):
+        operands = (q, k, v, slopes, mask, query_positions, key_rows)
+        out, lse = _chunked_forward(
+            q, k, v, slopes, mask, None, query_positions, key_rows, **options
         )
-        (d_k, d_v, d_slopes), d_q = lax.scan(step, zeros, jnp.arange(plan.units * plan.steps))
-        d_q = plan.merge(d_q)
-        d_k, d_v = d_k.swapaxes(2, 3), d_v.swapaxes(2, 3)
-        d_slopes = None if slopes is None else d_slopes.astype(slopes.dtype)
-        nothing = (None, None, None)  # the mask and positions: not differentiable
-        return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_slopes, *nothing)
+        return (out, lse), (operands, out, lse)
+
+    def attend_backward(saved, cotangents):
+        operands, out, lse = saved
+        return _chunked_backward(operands, out, lse, *cotangents, **options)
 
     attend.defvjp(attend_forward, attend_backward)
     return attend(q, k, v, slopes, mask, query_positions, key_rows)
+
+
+def _varying(x: jax.Array) -> set[str]:
+    """The manual mesh axes ``x`` varies over inside ``shard_map`` (none outside)."""
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return set(getattr(manual, "varying", ()))
+
+
+def _sum_varying(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """A cotangent summed over the manual axes it varies over and its primal does not:
+    the transpose of using an invariant operand (the ALiBi slopes) on every device."""
+    extra = _varying(cotangent) - _varying(primal)
+    return lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
+
+
+def _varying_like(zeros, *operands: jax.Array):
+    """``zeros`` typed as varying over the manual mesh axes the ``operands`` vary over
+    (inside ``shard_map``, e.g. ring attention), so a scan that adds gradients into them
+    keeps one carry type; unchanged outside ``shard_map``."""
+    axes = set().union(*(_varying(x) for x in operands))
+    if not axes:
+        return zeros
+    return jax.tree.map(lambda z: lax.pcast(z, tuple(sorted(axes)), to="varying"), zeros)
 
 
 def _add_at(x: jax.Array, part: jax.Array, corner: tuple) -> jax.Array:
@@ -695,7 +760,69 @@ def dot_product_attention(
         return out, weights.astype(q.dtype) if need_weights else None
     check_positions("query_positions", query_positions, q.shape[2], q.shape[0])
     check_positions("key_positions", key_positions, k.shape[2], q.shape[0])
-    out = _chunked_attention(
+    out, _ = _chunked_attention(
         q, k, v, mask, bias, alibi_slopes, is_causal, scale, query_positions, key_positions
     )
     return out.astype(q.dtype), None
+
+
+def attention_with_lse(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    alibi_slopes: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    query_positions: Positions = None,
+    key_positions: Positions = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The fast path's output and each query's log-sum-exp of its visible scores, both
+    differentiable: the pieces that attention over key blocks merges (ring attention,
+    ``attentions_jax.parallel``).
+
+    Args: as ``dot_product_attention`` (no mask, bias or dropout).
+
+    Returns:
+      ``(out, lse)``: out ``(B, H, L, D)`` and lse ``(B, H, L, 1)`` in float32 or wider;
+      a query that sees no key has out 0 and lse the dtype's minimum, so it weighs nothing
+      in a merge with any block it sees.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    check_positions("query_positions", query_positions, q.shape[2], q.shape[0])
+    check_positions("key_positions", key_positions, k.shape[2], q.shape[0])
+    return _chunked_attention(
+        q, k, v, None, None, alibi_slopes, is_causal, scale, query_positions, key_positions
+    )
+
+
+def attention_gradients(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    d_out: jax.Array,
+    *,
+    alibi_slopes: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    query_positions: Positions = None,
+    key_positions: Positions = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(dq, dk, dv)`` of attention from q to the keys k, v (one block of a longer key
+    sequence), given the output ``out`` and log-sum-exp ``lse`` ``(B, H, L, 1)`` of the
+    queries' attention to **all** their keys and the output's cotangent ``d_out``:
+    FlashAttention-2's backward, whose per-block terms sum to the whole gradient (ring
+    attention's backward, ``attentions_jax.parallel``). The ALiBi slopes get none."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    slopes, query_positions, key_rows = _operands(
+        q, k, alibi_slopes, query_positions, key_positions
+    )
+    operands = (q, k, v, None, None, query_positions, key_rows)
+    if slopes is not None:  # the bias needs the slopes; their cotangent is dropped
+        operands = (q, k, v, lax.stop_gradient(slopes), None, query_positions, key_rows)
+    d_q, d_k, d_v, *_ = _chunked_backward(
+        operands, out, lse, d_out, None, is_causal=is_causal, scale=scale
+    )
+    return d_q, d_k, d_v

@@ -42,6 +42,7 @@ from flax import nnx
 from . import alibi, block, dilated, grouped, linear, local, multi_head, rotary, vanilla
 from . import base as linen_base
 from .base import Mechanism
+from .parallel import SequenceParallel
 
 __all__ = [
     "ALiBiSelfAttention",
@@ -128,6 +129,7 @@ class SelfAttention(Mechanism, nnx.Module):
         need_weights: bool = True,
         deterministic: bool | None = None,
         rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+        sequence_parallel: str | SequenceParallel | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """Self-attention over ``x``, or cross-attention from ``x`` to ``context``: the
         arguments and results of the linen call (``attentions_jax.SelfAttention.__call__``;
@@ -146,6 +148,7 @@ class SelfAttention(Mechanism, nnx.Module):
             is_causal=is_causal,
             need_weights=need_weights,
             dropout_rng=self._dropout_key(rngs) if dropping else None,
+            sequence_parallel=sequence_parallel,
         )
 
     def _dropout_key(self, rngs: nnx.Rngs | nnx.RngStream | jax.Array | None) -> jax.Array:

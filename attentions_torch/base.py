@@ -13,9 +13,11 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import cache as kv_cache
+from . import parallel
 from ._validation import (
     validate_context,
     validate_heads,
@@ -132,6 +134,31 @@ class SelfAttention(nn.Module):
             key_positions=key_positions,
         )
 
+    def attend_sharded(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        positions: Tensor,
+    ) -> Tensor:
+        """Core attention of this rank's shard to the sequence sharded over ``spec.group``
+        (``attentions_torch.parallel``): q ``(B, H, Ll, D)``, k/v ``(B, K, Ll, D)`` at the
+        global ``positions`` ``(Ll,)``; the dense family's ring."""
+        return parallel.ring_attention(
+            q,
+            k,
+            v,
+            group=spec.group,
+            layout=spec.layout,
+            is_causal=is_causal,
+            scale=self.scale,
+            query_positions=positions,
+            **self.core_options(q.device),
+        )
+
     def core_options(self, device: torch.device) -> dict[str, Any]:
         """Extra keyword arguments of the core for this mechanism (ALiBi: its slopes)."""
         return {}
@@ -156,6 +183,7 @@ class SelfAttention(nn.Module):
         context: Tensor | None = None,
         is_causal: bool = False,
         need_weights: bool = True,
+        sequence_parallel: dist.ProcessGroup | parallel.SequenceParallel | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Self-attention over ``x``, or cross-attention from ``x`` to ``context``.
 
@@ -168,10 +196,26 @@ class SelfAttention(nn.Module):
           is_causal: also hide keys after the query.
           need_weights: return the ``(B, H, L, S)`` weights; ``False`` takes the fast path
             and returns ``None`` for them.
+          sequence_parallel: a ``torch.distributed`` process group (or
+            ``parallel.SequenceParallel(group, layout)``; a bare group is the contiguous
+            layout): ``x`` is this rank's shard ``(B, L/N, input_dim)`` of a sequence
+            sharded over the group's N ranks, and the layer attends to the whole sequence
+            by ring attention (``attentions_torch.parallel``; the dense mechanisms only,
+            fast path only: ``need_weights=False``, no mask, context or dropout). Every
+            rank calls the layer; out is the rank's shard ``(B, L/N, E)``.
 
         Returns:
           ``(out, weights)``: out ``(B, L, E)``, weights ``(B, H, L, S)`` or ``None``.
         """
+        if sequence_parallel is not None:
+            return self._forward_sharded(
+                x,
+                mask,
+                context=context,
+                is_causal=is_causal,
+                need_weights=need_weights,
+                spec=parallel.as_sequence_parallel(sequence_parallel),
+            )
         validate_input(x.shape, self.input_dim)
         batch, length, _ = x.shape
         validate_context(
@@ -193,6 +237,46 @@ class SelfAttention(nn.Module):
             k = apply_rope(k, base=self.rope_base, interleaved=self.rope_interleaved)
         out, weights = self.attend(q, k, v, keep, is_causal=is_causal, need_weights=need_weights)
         return self.w_o(merge_heads(out)), weights
+
+    def _forward_sharded(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        *,
+        context: Tensor | None,
+        is_causal: bool,
+        need_weights: bool,
+        spec: parallel.SequenceParallel,
+    ) -> tuple[Tensor, None]:
+        """The call on this rank's shard ``x`` ``(B, Ll, input_dim)``: project, RoPE at the
+        global positions, ring, project out. Everything is checked before any
+        communication."""
+        parallel.check_call(
+            type(self).__name__,
+            need_weights=need_weights,
+            mask=mask,
+            context=context,
+            dropping=self.dropout_p > 0.0,
+        )
+        validate_input(x.shape, self.input_dim)
+        if type(self).attend is not SelfAttention.attend:
+            # the compact kernels of the patterns (sparse.py) and linear attention: no ring yet
+            raise ValueError(
+                f"{type(self).__name__} does not support sequence_parallel yet; the dense "
+                "mechanisms (vanilla, multi-head, grouped, ALiBi, rotary) do"
+            )
+        shards = dist.get_world_size(spec.group)
+        rank = dist.get_rank(spec.group)
+        positions = parallel.shard_positions(rank, shards, x.shape[1], spec.layout)
+        q = split_heads(self.w_q(x), self.num_heads)
+        k = split_heads(self.w_k(x), self.num_kv_heads)
+        v = split_heads(self.w_v(x), self.num_kv_heads)
+        if self.rope:
+            rope = {"positions": positions.to(x.device), "base": self.rope_base}
+            q = apply_rope(q, **rope, interleaved=self.rope_interleaved)
+            k = apply_rope(k, **rope, interleaved=self.rope_interleaved)
+        out = self.attend_sharded(q, k, v, spec, is_causal=is_causal, positions=positions)
+        return self.w_o(merge_heads(out)), None
 
     def cache_rule(self) -> kv_cache.CacheRule:
         """How this mechanism keeps and reads keys when decoding: dense, slot = position

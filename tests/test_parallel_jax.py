@@ -1,0 +1,254 @@
+"""Sequence parallelism in JAX (``attentions_jax.parallel``, SPEC §13).
+
+The sharded tests need 8 devices: ``test_eight_host_devices`` starts pytest over this
+module in a second process with ``--xla_force_host_platform_device_count=8`` (the rest of
+the suite keeps one device), where the layers run under ``jax.shard_map`` on a mesh of
+8 (and of 4) host devices and are compared with the same layer on the whole sequence,
+float64: outputs, the input's and every parameter's gradient. The layouts, positions and
+the checks made before any communication run here, on one device.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import attentions_jax as aj
+from attentions_jax import parallel
+from attentions_jax.parallel import SequenceParallel, from_layout, shard_positions, to_layout
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICES = 8
+SHARDED = jax.device_count() == DEVICES
+needs_devices = pytest.mark.skipif(
+    not SHARDED, reason=f"runs in the {DEVICES}-device process (test_eight_host_devices)"
+)
+B, L = 2, 32
+TOLERANCE = 1e-10
+
+LAYERS = {
+    "vanilla": lambda: aj.VanillaSelfAttention(16, bias=True),
+    "multi_head": lambda: aj.MultiHeadSelfAttention(16, 4, input_dim=12),
+    "grouped": lambda: aj.GroupedSelfAttention(16, 4, 2, temperature=0.7),
+    "mqa": lambda: aj.GroupedSelfAttention(16, 4, 1, bias=True),
+    "grouped_rope": lambda: aj.GroupedSelfAttention(16, 4, 2, rope=True, rope_base=500000.0),
+    "alibi_6_heads": lambda: aj.ALiBiSelfAttention(24, 6),
+    "rotary": lambda: aj.RotarySelfAttention(16, 4),
+    "rotary_halves": lambda: aj.RotarySelfAttention(16, 4, rope_interleaved=False),
+}
+"""The dense family, with GQA, MQA, ALiBi for a head count that is no power of two, and
+both RoPE layouts."""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SHARDED, reason="this is the 8-device process")
+def test_eight_host_devices():
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and summary.count("skipped") <= 1, summary  # only itself
+
+
+def _mesh(shards: int) -> jax.sharding.Mesh:
+    return jax.make_mesh(
+        (shards,),
+        ("seq",),
+        axis_types=(jax.sharding.AxisType.Auto,),
+        devices=jax.devices()[:shards],
+    )
+
+
+def _sharded_call(layer, shards: int, layout: str, **call):
+    """``(variables, x) -> out``: the layer under ``shard_map`` over ``shards`` devices,
+    the whole sequence in and out (reordered into the layout and back)."""
+    spec = SequenceParallel("seq", layout)
+
+    def local(variables, x):
+        return layer.apply(variables, x, need_weights=False, sequence_parallel=spec, **call)[0]
+
+    sharded = jax.shard_map(
+        local,
+        mesh=_mesh(shards),
+        in_specs=(P(), P(None, "seq", None)),
+        out_specs=P(None, "seq", None),
+    )
+    return lambda variables, x: from_layout(
+        sharded(variables, to_layout(x, shards, layout)), shards, layout
+    )
+
+
+CASES = [
+    *((name, False, "contiguous", DEVICES) for name in LAYERS),
+    *((name, True, "zigzag", DEVICES) for name in LAYERS),
+    ("multi_head", True, "contiguous", 4),
+    ("grouped_rope", True, "contiguous", 4),
+    ("alibi_6_heads", False, "zigzag", 4),
+    ("rotary", True, "zigzag", 4),
+]
+"""Every layer over 8 devices non-causal in shard order and causal load-balanced, and the
+other pairings over 4 (a compile per case, so not the whole product)."""
+
+
+@needs_devices
+@pytest.mark.parametrize(
+    ("name", "is_causal", "layout", "shards"),
+    CASES,
+    ids=[f"{n}-{'causal' if c else 'full'}-{lay}-{s}" for n, c, lay, s in CASES],
+)
+def test_sharded_layer_equals_one_device(name, is_causal, layout, shards):
+    layer = LAYERS[name]()
+    width = layer.d_model if layer.input_dim is None else layer.input_dim
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((B, L, width)))
+    variables = layer.init(jax.random.key(1), x)
+    variables = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), variables)
+    cotangent = jnp.asarray(rng.standard_normal((B, L, layer.d_model)))
+
+    def whole(variables, x):
+        return layer.apply(variables, x, is_causal=is_causal, need_weights=False)[0]
+
+    sharded = _sharded_call(layer, shards, layout, is_causal=is_causal)
+
+    def loss(call):
+        return lambda variables, x: (call(variables, x) * cotangent).sum()
+
+    expected = whole(variables, x)
+    found = jax.jit(sharded)(variables, x)
+    assert float(jnp.abs(found - expected).max()) <= TOLERANCE
+    grads = jax.grad(loss(whole), argnums=(0, 1))(variables, x)
+    sharded_grads = jax.jit(jax.grad(loss(sharded), argnums=(0, 1)))(variables, x)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(sharded_grads), strict=True):
+        assert float(jnp.abs(a - b).max()) <= TOLERANCE
+
+
+@needs_devices
+def test_nnx_layer_shards_too():
+    from flax import nnx
+
+    from attentions_jax.nnx import GroupedSelfAttention
+
+    layer = GroupedSelfAttention(16, 4, 2, rope=True, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((B, L, 16)), jnp.float32)
+    graph, state = nnx.split(layer)
+
+    def local(state, x):
+        model = nnx.merge(graph, state)
+        return model(x, is_causal=True, need_weights=False, sequence_parallel="seq")[0]
+
+    sharded = jax.shard_map(
+        local, mesh=_mesh(DEVICES), in_specs=(P(), P(None, "seq", None)), out_specs=P(None, "seq")
+    )
+    expected, _ = layer(x, is_causal=True, need_weights=False)
+    np.testing.assert_allclose(jax.jit(sharded)(state, x), expected, atol=2e-6)
+
+
+@needs_devices
+@pytest.mark.parametrize("name", ["multi_head", "grouped"])
+def test_memory_per_device_at_32k(name):
+    """Compiled, never run: the XLA temporaries of fwd+bwd (and the forward) per device
+    over 8 devices are at most 1/4 of one device's at L = 32768 (``memory_analysis``,
+    temporaries + arguments + outputs)."""
+    make = {
+        "multi_head": lambda: aj.MultiHeadSelfAttention(512, 8),
+        "grouped": lambda: aj.GroupedSelfAttention(512, 8, 2),
+    }[name]
+    layer = make()
+    x = jax.ShapeDtypeStruct((1, 32768, 512), jnp.float32)
+    variables = jax.eval_shape(lambda: layer.init(jax.random.key(0), jnp.zeros((1, 8, 512))))
+
+    def whole(variables, x):
+        return layer.apply(variables, x, is_causal=True, need_weights=False)[0]
+
+    sharded = jax.shard_map(
+        lambda v, x: layer.apply(v, x, is_causal=True, need_weights=False, sequence_parallel="seq")[
+            0
+        ],
+        mesh=_mesh(DEVICES),
+        in_specs=(P(), P(None, "seq", None)),
+        out_specs=P(None, "seq", None),
+    )
+
+    def footprint(call, backward: bool) -> int:
+        if backward:
+            call = jax.grad(lambda v, x, f=call: f(v, x).sum(), argnums=(0, 1))
+        memory = jax.jit(call).lower(variables, x).compile().memory_analysis()
+        return (
+            memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+        )
+
+    for backward in (False, True):
+        assert footprint(sharded, backward) <= footprint(whole, backward) / 4
+
+
+def test_shard_positions():
+    assert shard_positions(1, 4, 4).tolist() == [4, 5, 6, 7]
+    # zigzag over 4 shards: 8 chunks of 2; shard 1 holds chunks 1 and 6
+    assert shard_positions(1, 4, 4, "zigzag").tolist() == [2, 3, 12, 13]
+    every = np.concatenate([np.asarray(shard_positions(r, 4, 4, "zigzag")) for r in range(4)])
+    assert sorted(every.tolist()) == list(range(16))
+
+
+@pytest.mark.parametrize("layout", parallel.LAYOUTS)
+def test_layout_round_trip(layout):
+    x = jnp.arange(2 * 24 * 3).reshape(2, 24, 3)
+    moved = to_layout(x, 4, layout)
+    assert jnp.array_equal(from_layout(moved, 4, layout), x)
+    # piece r holds shard r's positions
+    pieces = jnp.split(moved[0, :, 0] // 3, 4)
+    for rank, piece in enumerate(pieces):
+        assert piece.tolist() == shard_positions(rank, 4, 6, layout).tolist()
+
+
+@pytest.mark.parametrize(("length", "layout"), [(30, "contiguous"), (12, "zigzag")])
+def test_uneven_split_is_refused(length, layout):
+    with pytest.raises(ValueError, match="unevenly split shards are refused"):
+        to_layout(jnp.zeros((1, length, 2)), 8 if layout == "contiguous" else 4, layout)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        to_layout(jnp.zeros((1, 8, 2)), 2, "striped")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ({"need_weights": True}, "need_weights=True"),
+        ({"mask": jnp.ones((8, 8), bool)}, "a mask"),
+        ({"context": jnp.ones((1, 8, 16))}, "context"),
+        ({"deterministic": False}, "dropout in training"),
+        ({"sequence_parallel": 3}, "a mesh axis name or SequenceParallel"),
+        ({"sequence_parallel": SequenceParallel("seq", "striped")}, "layout must be one of"),
+    ],
+)
+def test_what_a_sharded_call_refuses(call, message):
+    """Checked before any communication, so outside ``shard_map`` too."""
+    layer = aj.MultiHeadSelfAttention(16, 4, dropout=0.1)
+    x = jnp.ones((1, 8, 16))
+    variables = layer.init(jax.random.key(0), x)
+    call = {"sequence_parallel": "seq", "need_weights": False, **call}
+    with pytest.raises(ValueError, match=message):
+        layer.apply(variables, x, rngs={"dropout": jax.random.key(1)}, **call)
+
+
+@pytest.mark.parametrize("name", ["local", "dilated", "block", "linear"])
+def test_other_mechanisms_say_not_yet(name):
+    from parity import MECHANISMS
+
+    mechanism = next(m for m in MECHANISMS if m.name == name)
+    layer = mechanism.flax_layer()
+    x = jnp.ones((1, 8, mechanism.kwargs["d_model"]))
+    variables = layer.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="does not support sequence_parallel yet"):
+        layer.apply(variables, x, need_weights=False, sequence_parallel="seq")
