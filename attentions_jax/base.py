@@ -125,6 +125,24 @@ class Mechanism:
             return name
         return f"{name} with rope=True" if self.rope else ""
 
+    def project_heads(
+        self, x: jax.Array, source: jax.Array, *, positions: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q ``(B, H, L, D)`` from ``x``, k and v ``(B, K, S, D)`` from ``source`` (x itself
+        in self-attention), RoPE applied at ``positions`` (``None``: ``0..L-1``; see
+        ``rope.apply_rope``) when the layer has it. The head counts are read off the
+        projections' widths (D each), so a projection holding a slice of the heads gives
+        that slice."""
+        q, k, v = (
+            self.project(name, y) for name, y in (("w_q", x), ("w_k", source), ("w_v", source))
+        )
+        q, k, v = (split_heads(y, y.shape[-1] // self.d_head) for y in (q, k, v))
+        if self.rope:
+            rope = {"positions": positions, "base": self.rope_base}
+            q = apply_rope(q, **rope, interleaved=self.rope_interleaved)
+            k = apply_rope(k, **rope, interleaved=self.rope_interleaved)
+        return q, k, v
+
     def attend(
         self,
         q: jax.Array,
@@ -162,6 +180,10 @@ class Mechanism:
             query_positions=query_positions,
             key_positions=key_positions,
         )
+
+    def validate_sharded(self, spec: parallel.SequenceParallel) -> None:
+        """``ValueError`` for a sequence-parallel call this mechanism cannot make (before
+        any communication); the dense family takes every layout."""
 
     def attend_sharded(
         self,
@@ -211,7 +233,7 @@ class Mechanism:
                 dropping=dropout_rng is not None,
                 spec=parallel.as_sequence_parallel(sequence_parallel),
             )
-        num_heads, num_kv_heads = self.head_counts()
+        num_heads = self.head_counts()[0]
         input_dim = self.d_model if self.input_dim is None else self.input_dim
         validate_input(x.shape, input_dim)
         batch, length, _ = x.shape
@@ -226,12 +248,7 @@ class Mechanism:
         source = x if context is None else context
         keys = None if context is None else context.shape[1]
         keep = as_keep_mask(mask, batch, num_heads, length, keys)
-        q = split_heads(self.project("w_q", x), num_heads)
-        k = split_heads(self.project("w_k", source), num_kv_heads)
-        v = split_heads(self.project("w_v", source), num_kv_heads)
-        if self.rope:
-            q = apply_rope(q, base=self.rope_base, interleaved=self.rope_interleaved)
-            k = apply_rope(k, base=self.rope_base, interleaved=self.rope_interleaved)
+        q, k, v = self.project_heads(x, source)
         out, weights = self.attend(
             q, k, v, keep, is_causal=is_causal, need_weights=need_weights, dropout_rng=dropout_rng
         )
@@ -257,24 +274,12 @@ class Mechanism:
             context=context,
             dropping=dropping,
         )
-        num_heads, num_kv_heads = self.head_counts()
+        self.validate_sharded(spec)
         validate_input(x.shape, self.d_model if self.input_dim is None else self.input_dim)
-        if type(self).attend is not Mechanism.attend:
-            # the compact kernels of the patterns (sparse.py) and linear attention: no ring yet
-            raise ValueError(
-                f"{type(self).__name__} does not support sequence_parallel yet; the dense "
-                "mechanisms (vanilla, multi-head, grouped, ALiBi, rotary) do"
-            )
         shards = jax.lax.axis_size(spec.axis)
         rank = jax.lax.axis_index(spec.axis)
         positions = parallel.shard_positions(rank, shards, x.shape[1], spec.layout)
-        q = split_heads(self.project("w_q", x), num_heads)
-        k = split_heads(self.project("w_k", x), num_kv_heads)
-        v = split_heads(self.project("w_v", x), num_kv_heads)
-        if self.rope:
-            rope = {"positions": positions, "base": self.rope_base}
-            q = apply_rope(q, **rope, interleaved=self.rope_interleaved)
-            k = apply_rope(k, **rope, interleaved=self.rope_interleaved)
+        q, k, v = self.project_heads(x, x, positions=positions)
         out = self.attend_sharded(q, k, v, spec, is_causal=is_causal, positions=positions)
         return self.project("w_o", merge_heads(out)), None
 

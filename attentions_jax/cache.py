@@ -72,8 +72,7 @@ from ._validation import (
     validate_decode_input,
     validate_decode_mask,
 )
-from .functional import dot_product_attention, merge_heads, split_heads
-from .rope import apply_rope
+from .functional import dot_product_attention, merge_heads
 
 if TYPE_CHECKING:
     from .base import Mechanism
@@ -227,7 +226,6 @@ def new_tokens(
     mask: jax.Array | None,
     lengths: jax.Array,
     limit: int | jax.Array,
-    num_kv_heads: int,
 ) -> NewTokens:
     """Steps 1-3 of a decoding call (validated): positions, room, q, k, v after RoPE."""
     batch = lengths.shape[0]
@@ -247,13 +245,7 @@ def new_tokens(
 
     positions = _positions(lengths, real)
     _check_room(lengths, real, limit)
-    q = split_heads(layer.project("w_q", x), layer.head_counts()[0])
-    k = split_heads(layer.project("w_k", x), num_kv_heads)
-    v = split_heads(layer.project("w_v", x), num_kv_heads)
-    if layer.rope:
-        rope = {"base": layer.rope_base, "interleaved": layer.rope_interleaved}
-        q = apply_rope(q, positions=positions, **rope)
-        k = apply_rope(k, positions=positions, **rope)
+    q, k, v = layer.project_heads(x, x, positions=positions)
     return NewTokens(real, positions, real & (positions < limit), q, k, v)
 
 
@@ -353,7 +345,7 @@ def decode(
     check_cache(layer, cache)
     rule = layer.cache_rule()
     limit = cache.keys.shape[2] if rule.ring is None else cache.max_length
-    new = new_tokens(layer, x, mask, cache.lengths, limit, layer.head_counts()[1])
+    new = new_tokens(layer, x, mask, cache.lengths, limit)
     if rule.ring is None:
         cache, keys, values, key_positions = _slot_keys(cache, new, rule.stride)
     else:

@@ -99,6 +99,22 @@ class SelfAttention(nn.Module):
         """Score scale ``1 / (sqrt(D) * temperature)``."""
         return 1.0 / (math.sqrt(self.d_head) * self.temperature)
 
+    def project_heads(
+        self, x: Tensor, source: Tensor, *, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q ``(B, H, L, D)`` from ``x``, k and v ``(B, K, S, D)`` from ``source`` (x itself
+        in self-attention), RoPE applied at ``positions`` (``None``: ``0..L-1``; see
+        ``rope.apply_rope``) when the layer has it. The head counts are read off the
+        projections' widths (D each), so a projection holding a slice of the heads gives
+        that slice."""
+        q, k, v = self.w_q(x), self.w_k(source), self.w_v(source)
+        q, k, v = (split_heads(y, y.shape[-1] // self.d_head) for y in (q, k, v))
+        if self.rope:
+            rope = {"positions": positions, "base": self.rope_base}
+            q = apply_rope(q, **rope, interleaved=self.rope_interleaved)
+            k = apply_rope(k, **rope, interleaved=self.rope_interleaved)
+        return q, k, v
+
     def attend(
         self,
         q: Tensor,
@@ -133,6 +149,10 @@ class SelfAttention(nn.Module):
             query_positions=query_positions,
             key_positions=key_positions,
         )
+
+    def validate_sharded(self, spec: parallel.SequenceParallel) -> None:
+        """``ValueError`` for a sequence-parallel call this mechanism cannot make (before
+        any communication); the dense family takes every layout."""
 
     def attend_sharded(
         self,
@@ -229,12 +249,7 @@ class SelfAttention(nn.Module):
         source = x if context is None else context
         keys = None if context is None else context.shape[1]
         keep = as_keep_mask(mask, batch, self.num_heads, length, keys)
-        q = split_heads(self.w_q(x), self.num_heads)
-        k = split_heads(self.w_k(source), self.num_kv_heads)
-        v = split_heads(self.w_v(source), self.num_kv_heads)
-        if self.rope:
-            q = apply_rope(q, base=self.rope_base, interleaved=self.rope_interleaved)
-            k = apply_rope(k, base=self.rope_base, interleaved=self.rope_interleaved)
+        q, k, v = self.project_heads(x, source)
         out, weights = self.attend(q, k, v, keep, is_causal=is_causal, need_weights=need_weights)
         return self.w_o(merge_heads(out)), weights
 
@@ -258,23 +273,12 @@ class SelfAttention(nn.Module):
             context=context,
             dropping=self.dropout_p > 0.0,
         )
+        self.validate_sharded(spec)
         validate_input(x.shape, self.input_dim)
-        if type(self).attend is not SelfAttention.attend:
-            # the compact kernels of the patterns (sparse.py) and linear attention: no ring yet
-            raise ValueError(
-                f"{type(self).__name__} does not support sequence_parallel yet; the dense "
-                "mechanisms (vanilla, multi-head, grouped, ALiBi, rotary) do"
-            )
         shards = dist.get_world_size(spec.group)
         rank = dist.get_rank(spec.group)
         positions = parallel.shard_positions(rank, shards, x.shape[1], spec.layout)
-        q = split_heads(self.w_q(x), self.num_heads)
-        k = split_heads(self.w_k(x), self.num_kv_heads)
-        v = split_heads(self.w_v(x), self.num_kv_heads)
-        if self.rope:
-            rope = {"positions": positions.to(x.device), "base": self.rope_base}
-            q = apply_rope(q, **rope, interleaved=self.rope_interleaved)
-            k = apply_rope(k, **rope, interleaved=self.rope_interleaved)
+        q, k, v = self.project_heads(x, x, positions=positions.to(x.device))
         out = self.attend_sharded(q, k, v, spec, is_causal=is_causal, positions=positions)
         return self.w_o(merge_heads(out)), None
 

@@ -68,8 +68,7 @@ from ._validation import (
     validate_decode_input,
     validate_decode_mask,
 )
-from .functional import dot_product_attention, merge_heads, split_heads
-from .rope import apply_rope
+from .functional import dot_product_attention, merge_heads
 
 if TYPE_CHECKING:
     from .base import SelfAttention
@@ -232,7 +231,6 @@ def new_tokens(
     mask: Tensor | None,
     lengths: Tensor,
     limit: int | Tensor,
-    num_kv_heads: int,
 ) -> NewTokens:
     """Steps 1-3 of a decoding call (validated): positions, room, q, k, v after RoPE."""
     batch = lengths.shape[0]
@@ -248,13 +246,7 @@ def new_tokens(
 
     positions = _positions(lengths, real)
     _check_room(lengths, real, limit)
-    q = split_heads(layer.w_q(x), layer.num_heads)
-    k = split_heads(layer.w_k(x), num_kv_heads)
-    v = split_heads(layer.w_v(x), num_kv_heads)
-    if layer.rope:
-        rope = {"base": layer.rope_base, "interleaved": layer.rope_interleaved}
-        q = apply_rope(q, positions=positions, **rope)
-        k = apply_rope(k, positions=positions, **rope)
+    q, k, v = layer.project_heads(x, x, positions=positions)
     return NewTokens(real, positions, real & (positions < limit), q, k, v)
 
 
@@ -342,7 +334,7 @@ def decode(
     check_cache(layer, cache)
     rule = layer.cache_rule()
     limit = cache.keys.shape[2] if rule.ring is None else cache.max_length
-    new = new_tokens(layer, x, mask, cache.lengths, limit, layer.num_kv_heads)
+    new = new_tokens(layer, x, mask, cache.lengths, limit)
     if rule.ring is None:
         keys, values, key_positions = _slot_keys(cache, new, rule.stride)
     else:

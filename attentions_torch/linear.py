@@ -262,6 +262,13 @@ class LinearSelfAttention(SelfAttention):
         super().__init__(d_model, num_heads, num_heads, **options)
         self.feature_map = feature_map
 
+    def validate_sharded(self, spec) -> None:
+        """Not yet: the compact kernels of the patterns have no sharded form."""
+        raise ValueError(
+            f"{type(self).__name__} does not support sequence_parallel yet; the dense "
+            "mechanisms (vanilla, multi-head, grouped, ALiBi, rotary) do"
+        )
+
     def attend(
         self,
         q: Tensor,
@@ -328,7 +335,7 @@ class LinearSelfAttention(SelfAttention):
             "max_length": (),
         }
         validate_cache(type(cache).__name__, field_shapes(cache), "LinearCache", expected)
-        new = new_tokens(self, x, mask, cache.lengths, cache.max_length, self.num_heads)
+        new = new_tokens(self, x, mask, cache.lengths, cache.max_length)
         acc = _accumulation_dtype(cache.kv.dtype)
         fq = _phi(new.q.to(acc), self.feature_map) * new.real[:, None, :, None]
         fk = _phi(new.k.to(acc), self.feature_map) * new.writable[:, None, :, None]

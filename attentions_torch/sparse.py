@@ -465,6 +465,13 @@ class TiledSelfAttention(SelfAttention):
         at ``key_start..``; ``is_causal`` may shrink them."""
         raise NotImplementedError
 
+    def validate_sharded(self, spec) -> None:
+        """Not yet: the compact kernels of the patterns have no sharded form."""
+        raise ValueError(
+            f"{type(self).__name__} does not support sequence_parallel yet; the dense "
+            "mechanisms (vanilla, multi-head, grouped, ALiBi, rotary) do"
+        )
+
     def attend(
         self,
         q: Tensor,
