@@ -818,3 +818,26 @@ def test_quick_run_lists_the_training_targets(tmp_path):
         assert 0 < measured["temp_bytes"] < measured["peak_bytes"]
     dense = _find(measurements, memory_only=True, case="multi_head", length=512)
     assert targets["multi_head fwdbwd L=512", "jax"]["value"] == dense["temp_bytes"] / 2**20
+
+
+@pytest.mark.slow
+def test_sharded_command_counts_what_the_ring_sends():
+    """``python -m parity.bench.sharded`` starts itself again with 4 host devices, compiles
+    the sharded and the whole layer and counts the ring's traffic: N - 1 steps, each
+    passing one device's K and V ``(B, K, L/N, D)`` float32 (multi-head: 8 kv heads,
+    grouped: 2)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "parity.bench.sharded", "--length", "256", "--devices", "4"]
+    names = ("multi_head", "grouped")
+    for name in names:
+        command += ["--mechanism", name]
+    result = subprocess.run([*command, "--json"], capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["mechanism"] for row in rows] == list(names)
+    for row, kv_heads in zip(rows, (8, 2), strict=True):
+        block = 1 * kv_heads * (256 // 4) * 64 * 4
+        assert row["exchanged"] == (4 - 1) * 2 * block
+        assert 0 < row["forward_sharded"] < row["forward_one"]
+        assert 0 < row["training_sharded"] < row["training_one"]

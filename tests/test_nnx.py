@@ -49,10 +49,18 @@ DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat
 needs_x64 = pytest.mark.skipif(
     not jax.config.jax_enable_x64, reason="float64 needs JAX's 64-bit mode (conftest.py)"
 )
-ALL_DTYPES = [pytest.param("float64", marks=needs_x64), "float32", "bfloat16"]
 CROSS = [m for m in MECHANISMS if m.cross_attention]
 SAMPLE = [by_name(n) for n in ("grouped", "local", "linear")]
 """A dense mechanism (GQA), a tiled one, linear attention."""
+CACHE_RULES = [*SAMPLE, by_name("dilated"), by_name("block")]
+"""A mechanism of each way to keep a cache (dense, window ring, residue classes, block,
+linear state)."""
+DTYPE_CASES = [
+    *(pytest.param(m, "float64", marks=needs_x64, id=f"{m.name}-float64") for m in MECHANISMS),
+    *(pytest.param(m, d, id=f"{m.name}-{d}") for m in SAMPLE for d in ("float32", "bfloat16")),
+]
+"""Every mechanism in float64, a sample in the narrower dtypes: NNX traces linen's very
+program (``test_nnx_traces_the_linen_program``), so the dtypes add little but time."""
 PADDING = helpers.user_mask("padding", np.random.default_rng(0), B, L)
 """Key padding ``(B, 1, 1, L)``: the second sequence is 7 tokens long."""
 
@@ -132,8 +140,7 @@ def _loss(out: jax.Array, weights: jax.Array | None) -> jax.Array:
     return value + jnp.sum(weights * jnp.sin(jnp.arange(weights.size).reshape(weights.shape)))
 
 
-@pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize(("mechanism", "dtype"), DTYPE_CASES)
 def test_nnx_equals_linen_bit_for_bit(mechanism, dtype):
     """Outputs and weights, on the causal weights path under a padding mask and on the
     unmasked fast path, in the parameters' and input's dtype."""
@@ -302,7 +309,7 @@ def _decode_both(layer, params, x, *, linen, splits, max_length=8):
 
 
 @needs_x64
-@pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
+@pytest.mark.parametrize("mechanism", CACHE_RULES, ids=lambda m: m.name)
 def test_nnx_decode_equals_linen_under_nnx_jit(mechanism):
     """A prompt of 5 then 2 single tokens through ``layer.init_cache`` / ``layer.decode``
     under ``nnx.jit``: every cache (its type and leaves) and every output equal linen's
@@ -666,8 +673,13 @@ def test_dropout_without_a_key_raises():
 # --- PyTorch -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
-@pytest.mark.parametrize(("dtype", "need_weights"), [("float32", True), ("bfloat16", False)])
+@pytest.mark.parametrize(
+    ("mechanism", "dtype", "need_weights"),
+    [
+        *(pytest.param(m, "float32", True, id=f"{m.name}-float32") for m in MECHANISMS),
+        *(pytest.param(m, "bfloat16", False, id=f"{m.name}-bfloat16") for m in SAMPLE),
+    ],
+)
 def test_compare_layers_with_nnx(mechanism, dtype, need_weights):
     """``parity.compare_layers`` against an NNX layer passes (outputs, weights and every
     gradient within SPEC §6), causal under a padding mask, and leaves the layer's own
@@ -745,7 +757,7 @@ HYPER = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.05}
 
 
 @needs_x64
-@pytest.mark.parametrize("mechanism", MECHANISMS, ids=lambda m: m.name)
+@pytest.mark.parametrize("mechanism", SAMPLE, ids=lambda m: m.name)
 def test_nnx_optimizer_adamw_equals_torch(mechanism):
     """Three ``nnx.Optimizer(layer, optax.adamw(...), wrt=nnx.Param)`` steps in one
     ``nnx.jit`` step function (causal, fast path, float64, biases, as
