@@ -385,8 +385,10 @@ class SelfAttention(Mechanism, nn.Module):
           sequence_parallel: a mesh axis name (or ``parallel.SequenceParallel(axis,
             layout)``): inside ``jax.shard_map``, ``x`` is this device's shard
             ``(B, L/N, input_dim)`` of a sequence sharded over that axis, and the layer
-            attends to the whole sequence by ring attention (``attentions_jax.parallel``;
-            fast path only: ``need_weights=False``, no mask, context or dropout).
+            attends to the whole sequence: the dense family by ring attention, local and
+            block attention with their neighbours' keys, dilated by a ring over the
+            residue classes, linear through its state (``attentions_jax.parallel``; fast
+            path only: ``need_weights=False``, no mask, context or dropout).
 
         Returns:
           ``(out, weights)``: out ``(B, L, E)``, weights ``(B, H, L, S)`` or ``None``.

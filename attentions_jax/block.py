@@ -6,7 +6,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
+from . import parallel
 from ._validation import validate_positive
 from .base import SelfAttention
 from .cache import CacheRule
@@ -97,6 +101,77 @@ class BlockMechanism(TiledMechanism):
         return block_tiling(
             length, self.block_size, keys=keys, query_start=query_start, key_start=key_start
         )
+
+    def attend_sharded(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        positions: jax.Array,
+    ) -> jax.Array:
+        """The blocks of the shard: q, k, v ``(B, H, Ll, D)`` -> ``(B, H, Ll, D)``.
+
+        When ``block_size`` divides the chunk length every chunk starts on a block
+        boundary and attends alone: nothing is exchanged. Otherwise (contiguous layout
+        only) the shard starts at residue ``a = r·Ll mod b`` of a block, and its keys
+        gain the ``b - 1`` rows on either side (before only when causal,
+        ``parallel.with_halos``): the queries sit at ``a + b``, the keys from ``a + 1``
+        (positions shifted by a multiple of b, so the blocks are the same), one branch of
+        ``lax.switch`` per residue the shards have.
+        """
+        size = self.block_size
+        chunk, name = parallel.chunk_length(q.shape[2], spec.layout)
+        if chunk % size == 0:
+            outs = [
+                self.attend(
+                    *(x[:, :, at : at + chunk] for x in (q, k, v)),
+                    None,
+                    is_causal=is_causal,
+                    need_weights=False,
+                )[0]
+                for at in range(0, q.shape[2], chunk)
+            ]
+            return jnp.concatenate(outs, axis=2)
+        if spec.layout == "zigzag":
+            raise ValueError(
+                f"{type(self).__name__}: sequence_parallel with layout='zigzag' needs "
+                f"block_size = {size} to divide the chunk length {name} = {chunk} (chunks "
+                "that start on block boundaries); use layout='contiguous', or a length and "
+                "shard count whose chunks hold whole blocks"
+            )
+        if size - 1 > chunk:
+            raise ValueError(
+                f"{type(self).__name__}: sequence_parallel needs block_size - 1 = {size - 1} "
+                f"<= the shard length {name} = {chunk} when shard boundaries cut blocks (a "
+                "block then reaches into one neighbouring shard only); use fewer shards or a "
+                "longer sequence"
+            )
+        halo = size - 1
+        [((keys, values), keep)] = parallel.with_halos(
+            (k, v), axis=spec.axis, layout=spec.layout, before=halo, after=0 if is_causal else halo
+        )
+        shards = lax.axis_size(spec.axis)
+        residues = sorted({rank * chunk % size for rank in range(shards)})
+
+        def attend(residue: int, q, keys, values, keep) -> jax.Array:
+            return self.attend(
+                q,
+                keys,
+                values,
+                keep,
+                is_causal=is_causal,
+                need_weights=False,
+                query_positions=residue + size,
+                key_positions=residue + 1,
+            )[0]
+
+        branches = [partial(attend, residue) for residue in residues]
+        which = np.array([residues.index(rank * chunk % size) for rank in range(shards)])
+        index = jnp.asarray(which)[lax.axis_index(spec.axis)]
+        return lax.switch(index, branches, q, keys, values, keep)
 
 
 class BlockSelfAttention(BlockMechanism, SelfAttention):

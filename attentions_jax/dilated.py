@@ -8,6 +8,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from . import parallel
 from ._validation import validate_positive
 from .base import SelfAttention
 from .block import block_tiling
@@ -147,6 +148,53 @@ class DilatedMechanism(TiledMechanism):
             query_start=query_start,
             key_start=key_start,
         )
+
+    def attend_sharded(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        positions: jax.Array,
+    ) -> jax.Array:
+        """The residue classes as heads on the dense ring: q, k, v ``(B, H, Ll, D)`` ->
+        ``(B, H, Ll, D)``.
+
+        With ``r = dilation_rate`` dividing the chunk length, row i of every chunk sits at
+        a position ``≡ i (mod r)``: ``(Ll, D) -> (Ll / r, r, D)`` puts each class's rows of
+        the shard in order, and the shards' pieces of one class are that class's
+        subsequence of ``L / r`` positions in the same layout. So the classes fold into
+        ``H·r`` heads of ``Ll / r`` rows, attend densely by ``parallel.ring_attention``
+        (causal: class index ``m' <= m``, the same rule) and unfold.
+        """
+        rate = self.dilation_rate
+        chunk, name = parallel.chunk_length(q.shape[2], spec.layout)
+        if chunk % rate:
+            raise ValueError(
+                f"{type(self).__name__}: sequence_parallel needs dilation_rate = {rate} to "
+                f"divide the chunk length {name} = {chunk} (each chunk then holds whole "
+                "strides of every residue class); pad the sequence or change the shard count"
+            )
+        batch, heads, local, d_head = q.shape
+
+        def fold(x: jax.Array) -> jax.Array:
+            # (B, H, Ll, D) -> (B, H, Ll / r, r, D) -> (B, H·r, Ll / r, D)
+            x = x.reshape(batch, heads, local // rate, rate, d_head).transpose(0, 1, 3, 2, 4)
+            return x.reshape(batch, heads * rate, local // rate, d_head)
+
+        out = parallel.ring_attention(
+            fold(q),
+            fold(k),
+            fold(v),
+            axis=spec.axis,
+            layout=spec.layout,
+            is_causal=is_causal,
+            scale=self.scale,
+        )
+        out = out.reshape(batch, heads, rate, local // rate, d_head).transpose(0, 1, 3, 2, 4)
+        return out.reshape(batch, heads, local, d_head)
 
 
 class DilatedSelfAttention(DilatedMechanism, SelfAttention):

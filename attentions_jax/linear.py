@@ -22,7 +22,9 @@ Paths, all computing that formula (``attentions_torch.linear`` takes the same st
 * causal with positions of its own (queries at ``p``, keys at ``s``, docs/semantics.md
   "Positions") or with ``S != L``: the causal rule ``s_j <= p_i`` becomes a general mask
   and takes the quadratic form. Without causality positions change nothing: keys S != L
-  (cross-attention) keep the O(L + S) paths.
+  (cross-attention) keep the O(L + S) paths;
+* sequence parallel (``LinearMechanism.attend_sharded``): the non-causal state summed over
+  the devices, or the causal scan of each chunk started from the earlier chunks' states.
 
 ``need_weights=True`` also returns A ``(B, H, L, L)``, computed in one product from O(L)
 denominators; the output takes the same path either way and equals ``A @ V``.
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import parallel
 from ._validation import (
     validate_cache,
     validate_cache_size,
@@ -261,13 +264,6 @@ class LinearMechanism(Mechanism):
         validate_unscaled(self.temperature)
         super().validate()
 
-    def validate_sharded(self, spec) -> None:
-        """Not yet: the compact kernels of the patterns have no sharded form."""
-        raise ValueError(
-            f"{type(self).__name__} does not support sequence_parallel yet; the dense "
-            "mechanisms (vanilla, multi-head, grouped, ALiBi, rotary) do"
-        )
-
     def attend(
         self,
         q: jax.Array,
@@ -297,6 +293,51 @@ class LinearMechanism(Mechanism):
             query_positions=query_positions,
             key_positions=key_positions,
         )
+
+    def attend_sharded(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        positions: jax.Array,
+    ) -> jax.Array:
+        """Kernel attention of the shard to the whole sequence through the states
+        ``phi(K)ᵀ[V, 1]`` ``(B, H, F, D + 1)``: q, k, v ``(B, H, Ll, D)`` -> ``(B, H, Ll, D)``.
+
+        Non-causal: the shard's state summed over the devices (``lax.psum``). Causal: each
+        chunk's state gathered from every device (``lax.all_gather``, O(N·D²)); the sum of
+        the chunks before it in global order starts the chunk's causal scan
+        (``_causal_sums``).
+        """
+        acc = _accumulation_dtype(q.dtype)
+        fq = _phi(q.astype(acc), self.feature_map)
+        fk = _phi(k.astype(acc), self.feature_map)
+        v1 = _append_ones(v.astype(acc))
+        if not is_causal:
+            # (B, H, Ll, F) x (B, H, Ll, D + 1) -> (B, H, F, D + 1), over the whole sequence
+            state = lax.psum(jnp.einsum("bhlf,bhld->bhfd", fk, v1), spec.axis)
+            return _normalize(jnp.einsum("bhlf,bhfd->bhld", fq, state)).astype(q.dtype)
+        table = parallel.chunk_table(lax.axis_size(spec.axis), spec.layout)
+        chunk = q.shape[2] // table.shape[1]
+        pieces = [slice(at, at + chunk) for at in range(0, q.shape[2], chunk)]
+        # (P, B, H, F, D + 1): each chunk's state; gathered (N, P, B, H, F, D + 1)
+        states = jnp.stack(
+            [jnp.einsum("bhlf,bhld->bhfd", fk[:, :, rows], v1[:, :, rows]) for rows in pieces]
+        )
+        every = lax.all_gather(states, spec.axis)
+        rank = lax.axis_index(spec.axis)
+        outs = []
+        for slot, rows in enumerate(pieces):
+            earlier = (table < jnp.asarray(table[:, slot])[rank]).astype(acc)
+            start = jnp.einsum("np,npbhfd->bhfd", earlier, every)
+            sums = _causal_sums(
+                fq[:, :, rows], fk[:, :, rows], v1[:, :, rows], self.chunk_size, start
+            )
+            outs.append(_normalize(sums[1]))
+        return jnp.concatenate(outs, axis=2).astype(q.dtype)
 
     def init_cache(
         self, batch: int, max_length: int | None = None, *, dtype: jnp.dtype | None = None

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 
+from . import parallel
 from ._validation import validate_positive
 from .base import SelfAttention
 from .cache import CacheRule
@@ -105,6 +107,49 @@ class LocalMechanism(TiledMechanism):
             query_start=query_start,
             key_start=key_start,
         )
+
+    def attend_sharded(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        positions: jax.Array,
+    ) -> jax.Array:
+        """Each chunk of the shard against its own keys and the ``h = window_size // 2``
+        keys on either side (before only when causal), exchanged with the neighbouring
+        chunks (``parallel.with_halos``): q, k, v ``(B, H, Ll, D)`` -> ``(B, H, Ll, D)``.
+
+        The pattern depends on position differences only, so the chunk's queries sit at
+        ``h`` and its keys from 0, whatever the chunk's place in the sequence.
+        """
+        half = self.window_size // 2
+        chunk, name = parallel.chunk_length(q.shape[2], spec.layout)
+        if half > chunk:
+            raise ValueError(
+                f"{type(self).__name__}: sequence_parallel needs window_size // 2 = {half} "
+                f"<= the chunk length {name} = {chunk} (a window reaches into one "
+                "neighbouring chunk only); use fewer shards or a longer sequence"
+            )
+        halos = parallel.with_halos(
+            (k, v), axis=spec.axis, layout=spec.layout, before=half, after=0 if is_causal else half
+        )
+        outs = [
+            self.attend(
+                q[:, :, slot * chunk : (slot + 1) * chunk],
+                keys,
+                values,
+                keep,
+                is_causal=is_causal,
+                need_weights=False,
+                query_positions=half,
+                key_positions=0,
+            )[0]
+            for slot, ((keys, values), keep) in enumerate(halos)
+        ]
+        return jnp.concatenate(outs, axis=2)
 
 
 class LocalSelfAttention(LocalMechanism, SelfAttention):

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 
+from . import parallel
 from ._validation import validate_start
 from .base import Mechanism
 from .functional import dot_product_attention
@@ -421,12 +422,19 @@ class TiledMechanism(Mechanism):
         at ``key_start..``; ``is_causal`` may shrink them."""
         raise NotImplementedError
 
-    def validate_sharded(self, spec) -> None:
-        """Not yet: the compact kernels of the patterns have no sharded form."""
-        raise ValueError(
-            f"{type(self).__name__} does not support sequence_parallel yet; the dense "
-            "mechanisms (vanilla, multi-head, grouped, ALiBi, rotary) do"
-        )
+    def attend_sharded(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        positions: jax.Array,
+    ) -> jax.Array:
+        """Each pattern has its own sharded form (local, block, dilated): the dense ring
+        would ignore the pattern."""
+        raise NotImplementedError
 
     def attend(
         self,

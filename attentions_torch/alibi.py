@@ -54,8 +54,9 @@ class ALiBiSelfAttention(SelfAttention):
         super().__init__(d_model, num_heads, num_heads, **options)
 
     def core_options(self, device: torch.device) -> dict[str, Any]:
-        """The ALiBi slopes, handed to the core."""
-        return {"alibi_slopes": alibi_slopes(self.num_heads, device)}
+        """The ALiBi slopes of the heads this module computes (all of them, or this rank's
+        under tensor parallelism), handed to the core."""
+        return {"alibi_slopes": alibi_slopes(self.num_heads, device)[self.local_heads()]}
 
 
 AlibiSelfAttention = ALiBiSelfAttention

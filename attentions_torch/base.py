@@ -108,6 +108,13 @@ class SelfAttention(nn.Module):
         projections' widths (D each), so a projection holding a slice of the heads gives
         that slice."""
         q, k, v = self.w_q(x), self.w_k(source), self.w_v(source)
+        for y in (q, k, v):
+            if y.shape[-1] % self.d_head or not y.shape[-1]:
+                raise ValueError(
+                    f"{type(self).__name__}: a projection gives {y.shape[-1]} features, not "
+                    f"whole heads of {self.d_head} (shard by heads with "
+                    "attentions_torch.sharding.tensor_parallel)"
+                )
         q, k, v = (split_heads(y, y.shape[-1] // self.d_head) for y in (q, k, v))
         if self.rope:
             rope = {"positions": positions, "base": self.rope_base}
@@ -179,6 +186,31 @@ class SelfAttention(nn.Module):
             **self.core_options(q.device),
         )
 
+    def local_heads(self) -> slice:
+        """The query heads this module computes: all H, or under tensor parallelism
+        (``attentions_torch.sharding``) this rank's contiguous block, read off ``w_q``'s
+        weight, a DTensor sharded by rows. ALiBi takes these heads' slopes, and a mask with
+        a head dimension these heads' rows."""
+        weight = self.w_q.weight
+        if type(weight) in (nn.Parameter, Tensor):  # no DTensor: spare importing its module
+            return slice(0, self.num_heads)
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not isinstance(weight, DTensor):
+            return slice(0, self.num_heads)
+        mesh, rows, start = weight.device_mesh, weight.shape[0], 0
+        for dim, placement in enumerate(weight.placements):
+            if isinstance(placement, Shard) and placement.dim == 0:
+                rows //= mesh.size(dim)
+                start += mesh.get_coordinate()[dim] * rows
+        if weight.to_local().shape[0] != rows or start % self.d_head or rows % self.d_head:
+            raise ValueError(
+                f"{type(self).__name__}: w_q's rows must be split by whole heads of "
+                f"{self.d_head}; this rank holds {weight.to_local().shape[0]} of "
+                f"{weight.shape[0]} (shard with attentions_torch.sharding.tensor_parallel)"
+            )
+        return slice(start // self.d_head, (start + rows) // self.d_head)
+
     def core_options(self, device: torch.device) -> dict[str, Any]:
         """Extra keyword arguments of the core for this mechanism (ALiBi: its slopes)."""
         return {}
@@ -220,9 +252,11 @@ class SelfAttention(nn.Module):
             ``parallel.SequenceParallel(group, layout)``; a bare group is the contiguous
             layout): ``x`` is this rank's shard ``(B, L/N, input_dim)`` of a sequence
             sharded over the group's N ranks, and the layer attends to the whole sequence
-            by ring attention (``attentions_torch.parallel``; the dense mechanisms only,
-            fast path only: ``need_weights=False``, no mask, context or dropout). Every
-            rank calls the layer; out is the rank's shard ``(B, L/N, E)``.
+            (the dense family by ring attention, local and block attention with their
+            neighbours' keys, dilated by a ring over the residue classes, linear through
+            its state: ``attentions_torch.parallel``; fast path only:
+            ``need_weights=False``, no mask, context or dropout). Every rank calls the
+            layer; out is the rank's shard ``(B, L/N, E)``.
 
         Returns:
           ``(out, weights)``: out ``(B, L, E)``, weights ``(B, H, L, S)`` or ``None``.
@@ -249,6 +283,8 @@ class SelfAttention(nn.Module):
         source = x if context is None else context
         keys = None if context is None else context.shape[1]
         keep = as_keep_mask(mask, batch, self.num_heads, length, keys)
+        if keep is not None and keep.shape[1] > 1:
+            keep = keep[:, self.local_heads()]
         q, k, v = self.project_heads(x, source)
         out, weights = self.attend(q, k, v, keep, is_causal=is_causal, need_weights=need_weights)
         return self.w_o(merge_heads(out)), weights

@@ -7,12 +7,20 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from . import parallel
 from ._validation import validate_positive
 from .cache import CacheRule
 from .masks import block_keep
-from .sparse import TiledSelfAttention, WindowTiling, tile_count, window_tiling
+from .sparse import (
+    TiledSelfAttention,
+    WindowTiling,
+    sharded_chunk,
+    tile_count,
+    window_tiling,
+)
 
 __all__ = ["BlockSelfAttention", "BlockTiling", "block_tiling"]
 
@@ -111,6 +119,57 @@ class BlockSelfAttention(TiledSelfAttention):
             keys=keys,
             query_start=query_start,
             key_start=key_start,
+        )
+
+    def attend_sharded(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        positions: Tensor,
+    ) -> Tensor:
+        """The shard's blocks (``SelfAttention.attend_sharded``). When the chunk length c
+        is a multiple of b = ``block_size``, every chunk starts a block: it attends alone,
+        no exchange. Else (contiguous layout only) the shard receives the ``b - 1`` keys
+        and values on each side (left only when causal; ``parallel.halo_exchange``,
+        independent of L) and, its start ``r·Ll`` lying at residue ``a`` in a block,
+        attends with the queries at ``a + b`` and the keys at ``a + 1``: positions on
+        the grid of the blocks. ``ValueError`` for blocks straddling zigzag chunks or
+        wider than a shard plus one."""
+        size = self.block_size
+        chunk, name = sharded_chunk(spec, q.shape[2])
+        if chunk % size == 0:
+            return self.attend_chunks(
+                q, k, v, spec, is_causal=is_causal, before=0, after=0, query_start=0, key_start=0
+            )
+        layer = type(self).__name__
+        if spec.layout != "contiguous":
+            raise ValueError(
+                f"{layer}: sequence_parallel with layout='zigzag' needs block_size = {size} "
+                f"to divide the chunk length {name} (chunks that start on block "
+                "boundaries); use layout='contiguous', or a length and shard count whose "
+                "chunks hold whole blocks"
+            )
+        if size - 1 > chunk:
+            raise ValueError(
+                f"{layer}: sequence_parallel needs block_size - 1 = {size - 1} <= the shard "
+                f"length {name} when shard boundaries cut blocks (a block then reaches into "
+                "one neighbouring shard only); use fewer shards or a longer sequence"
+            )
+        residue = dist.get_rank(spec.group) * chunk % size
+        return self.attend_chunks(
+            q,
+            k,
+            v,
+            spec,
+            is_causal=is_causal,
+            before=size - 1,
+            after=0 if is_causal else size - 1,
+            query_start=residue + size,
+            key_start=residue + 1,
         )
 
     def cache_rule(self) -> CacheRule:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import parallel
 from ._validation import validate_positive
 from .block import block_tiling
 from .cache import CacheRule
@@ -18,6 +19,7 @@ from .sparse import (
     Tiling,
     merge_tiles,
     pad_positions,
+    sharded_chunk,
     take_rows,
     tile_count,
 )
@@ -161,6 +163,49 @@ class DilatedSelfAttention(TiledSelfAttention):
             query_start=query_start,
             key_start=key_start,
         )
+
+    def attend_sharded(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        positions: Tensor,
+    ) -> Tensor:
+        """The shard's residue classes (``SelfAttention.attend_sharded``), exact by the
+        dense ring: with r = ``dilation_rate`` dividing the chunk length c, row i of every
+        chunk sits at a position ≡ i (mod r), so the shard's rows of class u, in order,
+        are its shard of class u's sequence (length L / r) in the same layout. The r
+        classes become heads, ``(B, H, Ll, D) -> (B, H·r, Ll / r, D)``, and go around
+        ``parallel.ring_attention`` (causal on the class index is causal on positions):
+        O(L²·D·H / r) per step of the ring over the ranks. ``ValueError`` unless r
+        divides c."""
+        rate = self.dilation_rate
+        chunk, name = sharded_chunk(spec, q.shape[2])
+        if chunk % rate:
+            raise ValueError(
+                f"{type(self).__name__}: sequence_parallel needs dilation_rate = {rate} to "
+                f"divide the chunk length {name} (each chunk then holds whole strides of "
+                "every residue class); pad the sequence or change the shard count"
+            )
+        heads, local = q.shape[1], q.shape[2]
+
+        def classes(x: Tensor) -> Tensor:
+            # (B, H, Ll / r, r, D) -> (B, H, r, Ll / r, D): row m·r + u -> class u, slot m
+            return x.unflatten(2, (local // rate, rate)).transpose(2, 3).flatten(1, 2)
+
+        out = parallel.ring_attention(
+            classes(q),
+            classes(k),
+            classes(v),
+            group=spec.group,
+            layout=spec.layout,
+            is_causal=is_causal,
+            scale=self.scale,
+        )
+        return out.unflatten(1, (heads, rate)).transpose(2, 3).reshape(q.shape)
 
     def cache_rule(self) -> CacheRule:
         """Decoding: slot = position; a one-token step reads its residue class."""

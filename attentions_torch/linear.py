@@ -36,9 +36,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import parallel
 from ._validation import (
     validate_cache,
     validate_cache_size,
@@ -262,12 +264,56 @@ class LinearSelfAttention(SelfAttention):
         super().__init__(d_model, num_heads, num_heads, **options)
         self.feature_map = feature_map
 
-    def validate_sharded(self, spec) -> None:
-        """Not yet: the compact kernels of the patterns have no sharded form."""
-        raise ValueError(
-            f"{type(self).__name__} does not support sequence_parallel yet; the dense "
-            "mechanisms (vanilla, multi-head, grouped, ALiBi, rotary) do"
+    def attend_sharded(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        positions: Tensor,
+    ) -> Tensor:
+        """Kernel attention of this rank's shard to the sharded sequence
+        (``SelfAttention.attend_sharded``), through the state, never the sequence:
+
+        * non-causal: the state ``phi(K)ᵀ[V, 1]`` ``(B, H, F, D + 1)`` summed over the
+          ranks (``parallel.sum_shards``), read by the shard's ``phi(Q)``;
+        * causal: every chunk's state gathered (``parallel.gather_shards``,
+          ``(N, B, H, n, F, D + 1)``), the sum of those before a chunk in the sequence
+          starting its chunked causal sums.
+
+        Communication O(N·H·D²) per rank, whatever L; arithmetic in float32 or wider."""
+        group = spec.group
+        rank, shards = dist.get_rank(group), dist.get_world_size(group)
+        if shards > 1:
+            parallel.check_equal_shards(q, k, group)
+        acc = _accumulation_dtype(q.dtype)
+        fq = _phi(q.to(acc), self.feature_map)
+        fk = _phi(k.to(acc), self.feature_map)
+        v1 = _append_ones(v.to(acc))
+        if not is_causal:
+            # (B, H, Ll, F)ᵀ @ (B, H, Ll, D + 1) -> (B, H, F, D + 1), summed over the ranks
+            state = parallel.sum_shards(fk.transpose(-1, -2) @ v1, group)
+            return _normalize(fq @ state).to(q.dtype)
+        held = parallel.shard_chunks(rank, shards, spec.layout)
+        fq, fk, v1 = (x.unflatten(2, (len(held), -1)) for x in (fq, fk, v1))  # (B, H, n, c, X)
+        # (N, B, H, n, F, D + 1): every chunk's state, by rank and slot
+        states = parallel.gather_shards(fk.transpose(-1, -2) @ v1, group)
+        chunks = sorted(
+            (index, source, slot)
+            for source in range(shards)
+            for slot, index in enumerate(parallel.shard_chunks(source, shards, spec.layout))
         )
+        ordered = torch.stack([states[source, :, :, slot] for _, source, slot in chunks])
+        # (2N | N, B, H, F, D + 1): the state of the chunks before each chunk
+        starts = torch.cat((torch.zeros_like(ordered[:1]), ordered[:-1].cumsum(0)))
+        sums = [
+            _causal_sums(fq[:, :, slot], fk[:, :, slot], v1[:, :, slot], self.chunk_size)
+            + fq[:, :, slot] @ starts[index]
+            for slot, index in enumerate(held)
+        ]
+        return _normalize(torch.cat(sums, dim=2)).to(q.dtype)
 
     def attend(
         self,

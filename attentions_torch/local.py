@@ -10,10 +10,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import parallel
 from ._validation import validate_positive
 from .cache import CacheRule
 from .masks import window_keep
-from .sparse import TiledSelfAttention, WindowTiling, tile_count, window_tiling
+from .sparse import (
+    TiledSelfAttention,
+    WindowTiling,
+    sharded_chunk,
+    tile_count,
+    window_tiling,
+)
 
 __all__ = ["LocalSelfAttention", "LocalTiling", "local_tiling"]
 
@@ -114,6 +121,42 @@ class LocalSelfAttention(TiledSelfAttention):
             keys=keys,
             query_start=query_start,
             key_start=key_start,
+        )
+
+    def attend_sharded(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        positions: Tensor,
+    ) -> Tensor:
+        """The shard's windows (``SelfAttention.attend_sharded``): each chunk of c queries
+        receives the last ``h = window_size // 2`` keys and values of the chunk before it
+        in the sequence and, unless causal, the first h of the chunk after it
+        (``parallel.halo_exchange``: O(h·H·D) per rank whatever L), then attends to
+        those ``h + c + h`` keys with the compact kernel, the queries at offset h.
+        ``ValueError`` when ``h > c`` (the window would reach past the neighbour)."""
+        half = self.window_size // 2
+        chunk, name = sharded_chunk(spec, q.shape[2])
+        if half > chunk:
+            raise ValueError(
+                f"{type(self).__name__}: sequence_parallel needs window_size // 2 = {half} "
+                f"<= the chunk length {name} (a window reaches into one neighbouring chunk "
+                "only); use fewer shards or a longer sequence"
+            )
+        return self.attend_chunks(
+            q,
+            k,
+            v,
+            spec,
+            is_causal=is_causal,
+            before=half,
+            after=0 if is_causal else half,
+            query_start=half,
+            key_start=0,
         )
 
     def cache_rule(self) -> CacheRule:

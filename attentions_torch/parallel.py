@@ -24,7 +24,23 @@ Layouts (which positions a shard holds):
   back.
 
 Causal attention and ALiBi are stated on the global positions, and RoPE rotates q and k
-at them, so the sharded layer computes the single-device function. Lengths that do not
+at them, so the sharded layer computes the single-device function.
+
+The other mechanisms (``attend_sharded`` on their classes) exchange what their pattern
+needs, never the sequence:
+
+* local (half window ``h``): each chunk of c positions (``Ll``, or ``Ll / 2`` zigzag)
+  receives the last h keys/values of the chunk before it in the sequence and, unless
+  causal, the first h of the chunk after it (``halo_exchange``: point-to-point with
+  the neighbours, O(h·H·D) per rank whatever L; the gradients go back the same way),
+  then attends with its compact kernel. ``h > c`` is refused;
+* block (size b): nothing when b divides c (every chunk starts a block); else, with the
+  contiguous layout only, the ``b - 1`` keys/values on each side of the shard;
+* dilated (rate r, dividing c): the residue classes become heads and go around the
+  ring above, the class sequences sharded in the same layout;
+* linear: the state ``phi(K)ᵀ[V, 1]`` ``(B, H, D, D + 1)`` summed over the ranks
+  (``sum_shards``), or when causal every chunk's state gathered (``gather_shards``)
+  and the sum of those before a chunk added to its causal sums. Lengths that do not
 split evenly (L % N, or L % 2N for zigzag) are refused with a ``ValueError``, and so are
 shards of different shapes on different ranks.
 
@@ -54,9 +70,15 @@ __all__ = [
     "SequenceParallel",
     "as_sequence_parallel",
     "check_call",
+    "check_equal_shards",
+    "chunk_keep",
     "from_layout",
+    "gather_shards",
+    "halo_exchange",
     "ring_attention",
+    "shard_chunks",
     "shard_positions",
+    "sum_shards",
     "to_layout",
 ]
 
@@ -188,9 +210,10 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _check_equal_shards(q: Tensor, k: Tensor, group: dist.ProcessGroup | None) -> None:
-    """``ValueError`` on every rank unless all ranks hold shards of the same shapes (a
-    point-to-point receive of the wrong size would hang or fail inside the backend)."""
+def check_equal_shards(q: Tensor, k: Tensor, group: dist.ProcessGroup | None) -> None:
+    """``ValueError`` on every rank unless all ranks hold shards of the same shapes: q
+    ``(B, H, Ll, D)`` and k ``(B, K, Ll, D)`` (a point-to-point receive of the wrong size
+    would hang or fail inside the backend). One small all-reduce."""
     shape = torch.tensor([*q.shape, *k.shape], dtype=torch.int64, device=q.device)
     largest, smallest = shape.clone(), -shape
     dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
@@ -466,7 +489,7 @@ def ring_attention(
     ring = _Ring.of(group, layout, q.shape[2])
     _check_split(ring.shards * q.shape[2], ring.shards, layout)
     if ring.shards > 1:
-        _check_equal_shards(q, k, group)
+        check_equal_shards(q, k, group)
     if query_positions is None:
         query_positions = ring.positions(ring.rank)
     if alibi_slopes is not None:
@@ -475,3 +498,295 @@ def ring_attention(
     return _RingAttention.apply(
         q, k, v, alibi_slopes, ring, is_causal, scale, query_positions.cpu()
     )
+
+
+def shard_chunks(rank: int, shards: int, layout: str) -> tuple[int, ...]:
+    """The global indices of the chunks shard ``rank`` holds, in its order: ``(r,)`` of N
+    chunks of ``Ll`` (contiguous), ``(r, 2N - 1 - r)`` of 2N chunks of ``Ll / 2`` (zigzag)."""
+    _check_layout(layout)
+    return (rank,) if layout == "contiguous" else (rank, 2 * shards - 1 - rank)
+
+
+def _home(chunk: int, shards: int, layout: str) -> tuple[int, int]:
+    """The (group rank, slot) holding global chunk ``chunk``."""
+    if layout == "contiguous" or chunk < shards:
+        return chunk, 0
+    return 2 * shards - 1 - chunk, 1
+
+
+class _Rows(NamedTuple):
+    """Rows ``rows`` of the chunk in slot ``source`` moving to the halo ``side`` (0: before,
+    1: after) of the chunk in slot ``slot``; ``peer`` the other rank (a global rank), or
+    ``None`` when both chunks are this rank's; ``tag`` the message's (the destination
+    chunk and side: both ends agree on it, and sort their messages by it, as NCCL matches
+    a pair's messages in order)."""
+
+    slot: int
+    side: int
+    source: int
+    rows: slice
+    peer: int | None
+    tag: int
+
+
+class _Halos(NamedTuple):
+    """One halo exchange planned on this rank (plain Python: the rank is known): the
+    halos filled from this rank's own chunks (``local``), received (``incoming``, with
+    ``source`` the slot on the sending rank) and this rank's rows that other ranks need
+    (``outgoing``, with ``slot`` the destination's). Halos past an end of the sequence
+    are in none of them (left zero)."""
+
+    group: dist.ProcessGroup | None
+    before: int
+    after: int
+    chunk: int
+    local: tuple[_Rows, ...]
+    incoming: tuple[_Rows, ...]
+    outgoing: tuple[_Rows, ...]
+
+    @classmethod
+    def of(
+        cls, group: dist.ProcessGroup | None, layout: str, chunk: int, before: int, after: int
+    ) -> _Halos:
+        rank, shards = dist.get_rank(group), dist.get_world_size(group)
+        world = dist.group.WORLD if group is None else group
+        count = shards * (2 if layout == "zigzag" else 1)
+        # side 0: the last `before` rows of chunk g - 1; side 1: the first `after` of g + 1
+        sides = ((-1, before, slice(chunk - before, chunk)), (1, after, slice(0, after)))
+        local, incoming, outgoing = [], [], []
+        for slot, index in enumerate(shard_chunks(rank, shards, layout)):
+            for side, (step, size, rows) in enumerate(sides):
+                if size == 0:
+                    continue
+                if 0 <= index + step < count:  # this chunk's halo on this side
+                    peer, source = _home(index + step, shards, layout)
+                    tag = 2 * index + side
+                    if peer == rank:
+                        local.append(_Rows(slot, side, source, rows, None, tag))
+                    else:
+                        global_peer = dist.get_global_rank(world, peer)
+                        incoming.append(_Rows(slot, side, source, rows, global_peer, tag))
+                if 0 <= index - step < count:  # the halo on this side of a neighbour
+                    peer, target = _home(index - step, shards, layout)
+                    if peer != rank:
+                        tag = 2 * (index - step) + side
+                        global_peer = dist.get_global_rank(world, peer)
+                        outgoing.append(_Rows(target, side, slot, rows, global_peer, tag))
+        return cls(
+            group,
+            before,
+            after,
+            chunk,
+            tuple(local),
+            tuple(sorted(incoming, key=_tag)),
+            tuple(sorted(outgoing, key=_tag)),
+        )
+
+    def region(self, side: int) -> slice:
+        """Where the halo of ``side`` lies in an extended chunk."""
+        return slice(0, self.before) if side == 0 else slice(self.before + self.chunk, None)
+
+    def own(self) -> slice:
+        """Where the chunk itself lies in an extended chunk."""
+        return slice(self.before, self.before + self.chunk)
+
+
+def _tag(rows: _Rows) -> int:
+    return rows.tag
+
+
+def _send_receive(
+    group: dist.ProcessGroup | None,
+    sends: list[tuple[Tensor, int, int]],
+    receives: list[tuple[Tensor, int, int]],
+) -> None:
+    """Every point-to-point message of a halo exchange, as ``(tensor, global peer, tag)``:
+    posted in one batch and waited for. The one place halo bytes leave a rank (a test
+    counts them here)."""
+    ops = [dist.P2POp(dist.isend, t, peer, group, tag) for t, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer, group, tag) for t, peer, tag in receives]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def _halo_buffer(like: Tensor, rows: _Rows) -> Tensor:
+    """An empty ``(..., rows, D)`` message like a ``(..., n, c, D)`` shard."""
+    size = rows.rows.stop - rows.rows.start
+    return like.new_empty((*like.shape[:-3], size, like.shape[-1]))
+
+
+class _HaloExchange(torch.autograd.Function):
+    """``(..., n, c, D) -> (..., n, before + c + after, D)``: each chunk between its halos.
+
+    The backward sends each halo's gradient back to the rank it came from and adds the
+    gradients received to the rows that were sent (point-to-point ops are not
+    autograd-aware)."""
+
+    @staticmethod
+    def forward(ctx, chunks, plan):
+        received = [_halo_buffer(chunks, rows) for rows in plan.incoming]
+        sends = [
+            (chunks[..., out.source, out.rows, :].contiguous(), out.peer, out.tag)
+            for out in plan.outgoing
+        ]
+        receives = [
+            (buffer, rows.peer, rows.tag)
+            for buffer, rows in zip(received, plan.incoming, strict=True)
+        ]
+        _send_receive(plan.group, sends, receives)
+        extended = chunks.new_zeros(
+            (*chunks.shape[:-2], plan.before + plan.chunk + plan.after, chunks.shape[-1])
+        )
+        extended[..., plan.own(), :] = chunks
+        for rows in plan.local:
+            extended[..., rows.slot, plan.region(rows.side), :] = chunks[
+                ..., rows.source, rows.rows, :
+            ]
+        for buffer, rows in zip(received, plan.incoming, strict=True):
+            extended[..., rows.slot, plan.region(rows.side), :] = buffer
+        ctx.plan = plan
+        return extended
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_extended):
+        plan = ctx.plan
+        grad = grad_extended[..., plan.own(), :].clone()
+        for rows in plan.local:
+            grad[..., rows.source, rows.rows, :] += grad_extended[
+                ..., rows.slot, plan.region(rows.side), :
+            ]
+        returned = [_halo_buffer(grad, out) for out in plan.outgoing]
+        sends = [
+            (
+                grad_extended[..., rows.slot, plan.region(rows.side), :].contiguous(),
+                rows.peer,
+                rows.tag,
+            )
+            for rows in plan.incoming
+        ]
+        receives = [
+            (buffer, out.peer, out.tag) for buffer, out in zip(returned, plan.outgoing, strict=True)
+        ]
+        _send_receive(plan.group, sends, receives)
+        for buffer, out in zip(returned, plan.outgoing, strict=True):
+            grad[..., out.source, out.rows, :] += buffer
+        return grad, None
+
+
+def halo_exchange(
+    x: Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "contiguous",
+    before: int,
+    after: int,
+) -> Tensor:
+    """Each chunk of this rank's shard between the rows of its neighbours in the global
+    chunk order: the sparse patterns' one exchange (local windows, straddling blocks).
+
+    Args:
+      x: ``(..., Ll, D)``, this rank's shard (positions on the second-to-last axis),
+        ``n`` chunks of ``c`` (``n = 1``, ``c = Ll`` contiguous; ``n = 2``, ``c = Ll / 2``
+        zigzag). Every rank of the group calls this with shards of the same shapes
+        (``check_equal_shards`` first).
+      group, layout: as ``ring_attention``.
+      before, after: how many rows of the previous / next chunk each chunk needs, at
+        most c (only neighbouring chunks are exchanged).
+
+    Returns:
+      ``(..., n, before + c + after, D)``: per chunk ``[last before rows of chunk g - 1,
+      chunk g, first after rows of chunk g + 1]``, zero rows where g - 1 or g + 1 lies
+      past an end of the sequence (callers hide them). Differentiable in x. Each rank
+      sends ``O((before + after)·n)`` rows per call and as many back in the backward,
+      whatever L; neighbouring chunks on the same rank are copied, not sent.
+    """
+    _check_layout(layout)
+    shards = dist.get_world_size(group)
+    slots = len(shard_chunks(0, shards, layout))
+    _check_split(shards * x.shape[-2], shards, layout)
+    chunk = x.shape[-2] // slots
+    if before > chunk or after > chunk:
+        raise ValueError(
+            f"halo_exchange: halos of {before} and {after} rows need chunks of at least "
+            f"that many positions, got {chunk}"
+        )
+    plan = _Halos.of(group, layout, chunk, before, after)
+    return _HaloExchange.apply(x.unflatten(-2, (slots, chunk)), plan)
+
+
+def chunk_keep(
+    chunk: int,
+    count: int,
+    *,
+    before: int,
+    length: int,
+    after: int,
+    device: torch.device | None = None,
+) -> Tensor | None:
+    """``(1, 1, 1, before + length + after)`` key keep-mask of an extended chunk of
+    ``halo_exchange`` (global chunk ``chunk`` of ``count``): the halo rows past an end of
+    the sequence hidden; ``None`` when both neighbours exist."""
+    hide_before, hide_after = chunk == 0 and before > 0, chunk == count - 1 and after > 0
+    if not (hide_before or hide_after):
+        return None
+    keep = torch.ones(before + length + after, dtype=torch.bool, device=device)
+    if hide_before:
+        keep[:before] = False
+    if hide_after:
+        keep[before + length :] = False
+    return keep[None, None, None]
+
+
+class _SumShards(torch.autograd.Function):
+    """All-reduce (sum) whose backward is the all-reduce of the gradients: every rank's
+    loss reads the sum."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        total = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_shards(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """The sum of ``x`` (same shape on every rank) over the group's ranks, differentiable
+    (the gradient of every rank's copy is summed back to each input)."""
+    return _SumShards.apply(x, group)
+
+
+class _GatherShards(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient of the gathered stack and
+    keeps this rank's row."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        pieces = [
+            torch.empty_like(x, memory_format=torch.contiguous_format)
+            for _ in range(dist.get_world_size(group))
+        ]
+        dist.all_gather(pieces, x.contiguous(), group=group)
+        return torch.stack(pieces)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None
+
+
+def gather_shards(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """``(N, *x.shape)``: every rank's ``x`` (same shape on every rank) by group rank,
+    differentiable in x."""
+    return _GatherShards.apply(x, group)

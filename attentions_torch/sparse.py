@@ -37,9 +37,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import parallel
 from ._validation import validate_start
 from .base import SelfAttention
 from .functional import dot_product_attention
@@ -52,6 +54,7 @@ __all__ = [
     "WindowTiling",
     "merge_tiles",
     "pad_positions",
+    "sharded_chunk",
     "take_rows",
     "tile_count",
     "tiled_attention",
@@ -446,6 +449,16 @@ def tiled_attention(
     return out, _scatter(weights, tiling)
 
 
+def sharded_chunk(spec: parallel.SequenceParallel, local: int) -> tuple[int, str]:
+    """The chunk length c of a shard of ``local`` positions (``Ll`` contiguous, ``Ll / 2``
+    zigzag) and its name in an error, e.g. ``"L/2N = 2 (L = 16, N = 4, zigzag)"``."""
+    shards = dist.get_world_size(spec.group)
+    length = local * shards
+    if spec.layout == "zigzag":
+        return local // 2, f"L/2N = {local // 2} (L = {length}, N = {shards}, zigzag)"
+    return local, f"L/N = {local} (L = {length}, N = {shards})"
+
+
 class TiledSelfAttention(SelfAttention):
     """A ``SelfAttention`` whose pattern is computed on the tiles of ``tiling``."""
 
@@ -465,12 +478,62 @@ class TiledSelfAttention(SelfAttention):
         at ``key_start..``; ``is_causal`` may shrink them."""
         raise NotImplementedError
 
-    def validate_sharded(self, spec) -> None:
-        """Not yet: the compact kernels of the patterns have no sharded form."""
-        raise ValueError(
-            f"{type(self).__name__} does not support sequence_parallel yet; the dense "
-            "mechanisms (vanilla, multi-head, grouped, ALiBi, rotary) do"
-        )
+    def attend_chunks(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        spec: parallel.SequenceParallel,
+        *,
+        is_causal: bool,
+        before: int,
+        after: int,
+        query_start: int,
+        key_start: int,
+    ) -> Tensor:
+        """Each chunk of this rank's shard attending, through the compact kernel, to its
+        keys between ``before`` keys of the previous chunk and ``after`` of the next
+        (``parallel.halo_exchange``; no exchange when both are 0).
+
+        q, k, v ``(B, H, Ll, D)``, n chunks of c (``parallel.shard_chunks``). A chunk's
+        queries sit at ``query_start``, its extended keys at ``key_start``: offsets that
+        keep the pattern of the global positions (it depends on their differences, and
+        for blocks on a start that is a multiple of the block size). Halo keys past an
+        end of the sequence are hidden by a key-only keep-mask. Returns ``(B, H, Ll, D)``.
+        """
+        group, layout = spec.group, spec.layout
+        rank, shards = dist.get_rank(group), dist.get_world_size(group)
+        held = parallel.shard_chunks(rank, shards, layout)
+        if shards > 1:
+            parallel.check_equal_shards(q, k, group)
+        kv = torch.stack((k, v))  # (2, B, H, Ll, D): one exchange for both
+        if before or after:
+            kv = parallel.halo_exchange(kv, group=group, layout=layout, before=before, after=after)
+        else:
+            kv = kv.unflatten(-2, (len(held), -1))
+        queries = q.unflatten(2, (len(held), -1))  # (B, H, n, c, D)
+        outs = []
+        for slot, index in enumerate(held):
+            keep = parallel.chunk_keep(
+                index,
+                shards * len(held),
+                before=before,
+                length=queries.shape[3],
+                after=after,
+                device=q.device,
+            )
+            out, _ = self.attend(
+                queries[:, :, slot],
+                kv[0, :, :, slot],
+                kv[1, :, :, slot],
+                keep,
+                is_causal=is_causal,
+                need_weights=False,
+                query_positions=query_start,
+                key_positions=key_start,
+            )
+            outs.append(out)
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
     def attend(
         self,

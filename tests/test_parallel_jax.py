@@ -4,8 +4,10 @@ The sharded tests need 8 devices: ``test_eight_host_devices`` starts pytest over
 module in a second process with ``--xla_force_host_platform_device_count=8`` (the rest of
 the suite keeps one device), where the layers run under ``jax.shard_map`` on a mesh of
 8 (and of 4) host devices and are compared with the same layer on the whole sequence,
-float64: outputs, the input's and every parameter's gradient. The layouts, positions and
-the checks made before any communication run here, on one device.
+float64: outputs, the input's and every parameter's gradient, for the dense family and
+for local, block, dilated and linear attention; the bytes the patterns exchange are
+counted in the jaxpr. The layouts, positions and the checks made before any
+communication run here, on one device.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ needs_devices = pytest.mark.skipif(
 B, L = 2, 32
 TOLERANCE = 1e-10
 
-LAYERS = {
+DENSE = {
     "vanilla": lambda: aj.VanillaSelfAttention(16, bias=True),
     "multi_head": lambda: aj.MultiHeadSelfAttention(16, 4, input_dim=12),
     "grouped": lambda: aj.GroupedSelfAttention(16, 4, 2, temperature=0.7),
@@ -46,6 +48,23 @@ LAYERS = {
 }
 """The dense family, with GQA, MQA, ALiBi for a head count that is no power of two, and
 both RoPE layouts."""
+
+PATTERNS = {
+    # h = 4 against chunks of 4 (L/N over 8, L/2N over 4): the window's widest reach
+    "local": lambda: aj.LocalSelfAttention(16, window_size=9, num_heads=4, rope=True),
+    # 4 divides the chunks: no exchange
+    "block_aligned": lambda: aj.BlockSelfAttention(16, block_size=4, num_heads=4),
+    # blocks of 3 straddle shards of 4 and 8: shards start at every residue
+    "block_straddling": lambda: aj.BlockSelfAttention(16, block_size=3, num_heads=2, bias=True),
+    "dilated_2": lambda: aj.DilatedSelfAttention(16, dilation_rate=2, num_heads=4),
+    "dilated_4": lambda: aj.DilatedSelfAttention(16, dilation_rate=4, num_heads=2),
+    "linear_elu": lambda: aj.LinearSelfAttention(16, num_heads=4),
+    "linear_relu": lambda: aj.LinearSelfAttention(16, num_heads=2, feature_map="relu"),
+}
+"""Local, block, dilated and linear attention, each with the reach its sharded form has to
+exchange."""
+
+LAYERS = {**DENSE, **PATTERNS}
 
 
 @pytest.mark.slow
@@ -92,15 +111,29 @@ def _sharded_call(layer, shards: int, layout: str, **call):
 
 
 CASES = [
-    *((name, False, "contiguous", DEVICES) for name in LAYERS),
-    *((name, True, "zigzag", DEVICES) for name in LAYERS),
+    *((name, False, "contiguous", DEVICES) for name in DENSE),
+    *((name, True, "zigzag", DEVICES) for name in DENSE),
     ("multi_head", True, "contiguous", 4),
     ("grouped_rope", True, "contiguous", 4),
     ("alibi_6_heads", False, "zigzag", 4),
     ("rotary", True, "zigzag", 4),
+    ("local", False, "contiguous", DEVICES),
+    ("local", False, "zigzag", 4),
+    ("local", True, "zigzag", 4),
+    ("block_aligned", False, "contiguous", DEVICES),
+    ("block_aligned", True, "zigzag", 4),
+    ("block_straddling", False, "contiguous", DEVICES),
+    ("block_straddling", True, "contiguous", 4),
+    ("dilated_2", False, "contiguous", DEVICES),
+    ("dilated_4", True, "zigzag", 4),
+    ("linear_elu", False, "contiguous", DEVICES),
+    ("linear_elu", True, "zigzag", DEVICES),
+    ("linear_relu", True, "contiguous", 4),
 ]
-"""Every layer over 8 devices non-causal in shard order and causal load-balanced, and the
-other pairings over 4 (a compile per case, so not the whole product)."""
+"""Every dense layer over 8 devices non-causal in shard order and causal load-balanced,
+and the other pairings over 4 (a compile per case, so not the whole product); each
+pattern causal and not, in both layouts where it takes them (local both ways in zigzag,
+whose neighbours are the intricate part)."""
 
 
 @needs_devices
@@ -126,10 +159,11 @@ def test_sharded_layer_equals_one_device(name, is_causal, layout, shards):
     def loss(call):
         return lambda variables, x: (call(variables, x) * cotangent).sum()
 
-    expected = whole(variables, x)
+    # compiled, as the sharded call is: op by op the tiled kernels take longer
+    expected = jax.jit(whole)(variables, x)
     found = jax.jit(sharded)(variables, x)
     assert float(jnp.abs(found - expected).max()) <= TOLERANCE
-    grads = jax.grad(loss(whole), argnums=(0, 1))(variables, x)
+    grads = jax.jit(jax.grad(loss(whole), argnums=(0, 1)))(variables, x)
     sharded_grads = jax.jit(jax.grad(loss(sharded), argnums=(0, 1)))(variables, x)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(sharded_grads), strict=True):
         assert float(jnp.abs(a - b).max()) <= TOLERANCE
@@ -242,13 +276,100 @@ def test_what_a_sharded_call_refuses(call, message):
         layer.apply(variables, x, rngs={"dropout": jax.random.key(1)}, **call)
 
 
-@pytest.mark.parametrize("name", ["local", "dilated", "block", "linear"])
-def test_other_mechanisms_say_not_yet(name):
-    from parity import MECHANISMS
+COLLECTIVES = ("ppermute", "all_gather", "psum", "psum_invariant", "all_to_all", "reduce_scatter")
 
-    mechanism = next(m for m in MECHANISMS if m.name == name)
-    layer = mechanism.flax_layer()
-    x = jnp.ones((1, 8, mechanism.kwargs["d_model"]))
-    variables = layer.init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="does not support sequence_parallel yet"):
-        layer.apply(variables, x, need_weights=False, sequence_parallel="seq")
+
+def _exchanged_bytes(call, *args) -> int:
+    """Bytes the collectives of ``call`` send per device: the sizes of their operands in
+    its jaxpr, sub-jaxprs included (a loop's body counted once)."""
+
+    def walk(jaxpr) -> int:
+        total = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in COLLECTIVES:
+                total += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.invars)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else (param,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        total += walk(sub)
+        return total
+
+    return walk(jax.make_jaxpr(call)(*args).jaxpr)
+
+
+EXCHANGES = [
+    ("local", False, "contiguous", DEVICES),
+    ("local", False, "zigzag", 4),
+    ("local", True, "zigzag", 4),
+    ("block_aligned", False, "contiguous", DEVICES),
+    ("block_straddling", False, "contiguous", DEVICES),
+    ("linear_elu", True, "zigzag", DEVICES),
+]
+
+
+@needs_devices
+@pytest.mark.parametrize(
+    ("name", "is_causal", "layout", "shards"),
+    EXCHANGES,
+    ids=[f"{n}-{'causal' if c else 'full'}-{lay}-{s}" for n, c, lay, s in EXCHANGES],
+)
+def test_bytes_exchanged_do_not_grow_with_length(name, is_causal, layout, shards):
+    """Traced, never run: the same bytes per device at L and 2L. Local sends the
+    ``h = window_size // 2`` rows of k and v on each side of each chunk (before only
+    when causal), aligned blocks nothing."""
+    layer = LAYERS[name]()
+    x = jax.ShapeDtypeStruct((B, L, layer.d_model), jnp.float64)
+    variables = jax.eval_shape(layer.init, jax.random.key(0), x)
+    call = _sharded_call(layer, shards, layout, is_causal=is_causal)
+    sent = [
+        _exchanged_bytes(call, variables, x.update(shape=(B, n, x.shape[2]))) for n in (L, 2 * L)
+    ]
+    assert sent[0] == sent[1]
+    if name == "local":
+        rows = layer.window_size // 2 * (1 if is_causal else 2) * (2 if layout == "zigzag" else 1)
+        assert sent[0] == 2 * B * layer.num_heads * rows * layer.d_head * 8  # k and v, float64
+    elif name == "block_aligned":
+        assert sent[0] == 0
+    else:
+        assert sent[0] > 0
+
+
+REFUSALS = [
+    (
+        lambda: aj.LocalSelfAttention(16, window_size=9, num_heads=4),
+        "zigzag",
+        r"window_size // 2 = 4 <= the chunk length L/2N = 3 .*fewer shards",
+    ),
+    (
+        lambda: aj.DilatedSelfAttention(16, dilation_rate=4, num_heads=4),
+        "contiguous",
+        r"dilation_rate = 4 to divide the chunk length L/N = 6",
+    ),
+    (
+        lambda: aj.BlockSelfAttention(16, block_size=4, num_heads=4),
+        "zigzag",
+        r"layout='zigzag' needs block_size = 4 to divide the chunk length L/2N = 3",
+    ),
+    (
+        lambda: aj.BlockSelfAttention(16, block_size=8, num_heads=4),
+        "contiguous",
+        r"block_size - 1 = 7 <= the shard length L/N = 6",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "layout", "message"),
+    REFUSALS,
+    ids=["local-window", "dilated-rate", "block-zigzag", "block-reach"],
+)
+def test_what_a_pattern_refuses(make, layout, message):
+    """A chunk too short for the pattern's reach is refused while tracing, before any
+    communication (here on a mesh of one device, L = 6)."""
+    layer = make()
+    x = jax.ShapeDtypeStruct((1, 6, 16), jnp.float32)
+    variables = jax.eval_shape(layer.init, jax.random.key(0), x)
+    call = _sharded_call(layer, 1, layout)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(call, variables, x)

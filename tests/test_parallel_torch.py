@@ -1,11 +1,12 @@
 """Sequence parallelism in PyTorch (``attentions_torch.parallel``, SPEC §13).
 
-The ring runs in 4 gloo processes that this module starts (it is also their script:
-``python tests/test_parallel_torch.py RANK PORT OUT``): every case over the 4 ranks, then
-over ranks 1 and 3 (N = 2, group ranks that are not the global ones). Each group's rank 0
-writes each case's largest errors against the single-device layer to a JSON file that
-the tests read. The layouts, positions and the checks made before any
-communication are tested in this process, without a process group.
+The sharded layers run in 4 gloo processes that this module starts (it is also their
+script: ``python tests/test_parallel_torch.py RANK PORT OUT``): every case over the 4
+ranks, then over ranks 1 and 3 (N = 2, group ranks that are not the global ones), and the
+bytes local attention's halo exchange sends at two lengths. Each group's rank 0 writes
+each case's largest errors against the single-device layer to a JSON file that the tests
+read. The layouts, positions and the checks made before any communication are tested in
+this process, without a process group.
 """
 
 from __future__ import annotations
@@ -52,13 +53,30 @@ MECHANISMS: dict[str, Callable[[], at.SelfAttention]] = {
     "alibi_6_heads": lambda: at.ALiBiSelfAttention(24, 6, bias=True),
     "rotary": lambda: at.RotarySelfAttention(16, 4),
     "rotary_halves": lambda: at.RotarySelfAttention(16, 4, rope_interleaved=False),
+    "local": lambda: at.LocalSelfAttention(16, window_size=5, num_heads=4),
+    "local_rope": lambda: at.LocalSelfAttention(16, 2, 4, bias=True, rope=True),
+    "block_aligned": lambda: at.BlockSelfAttention(16, block_size=2, num_heads=4),
+    "block_straddling": lambda: at.BlockSelfAttention(16, block_size=3, num_heads=2, bias=True),
+    "dilated": lambda: at.DilatedSelfAttention(16, dilation_rate=2, num_heads=4),
+    "dilated_4": lambda: at.DilatedSelfAttention(16, dilation_rate=4, num_heads=2, rope=True),
+    "linear": lambda: at.LinearSelfAttention(16, num_heads=4),
+    "linear_relu": lambda: at.LinearSelfAttention(16, 2, feature_map="relu", bias=True),
 }
 """The dense family, with GQA, MQA, ALiBi for a head count that is no power of two, and
-both RoPE layouts."""
+both RoPE layouts; then the sparse patterns and linear attention. At N = 4 local's half
+window h = 2 is a whole zigzag chunk (L/2N = 2), and h = 1 (window 2) with RoPE; blocks
+of 2 align with every chunk (no exchange), blocks of 3 straddle the shards at every
+residue (contiguous only); dilation 4 needs L = 32 for zigzag chunks of 4."""
+
+LENGTHS = {"dilated_4": 32}
+"""Sequence lengths other than ``LENGTH``."""
+
+CONTIGUOUS_ONLY = {"block_straddling"}
 
 CASES = [
     f"{name}-{'causal' if causal else 'full'}-{layout}"
     for name, causal, layout in itertools.product(MECHANISMS, (False, True), LAYOUTS)
+    if layout == "contiguous" or name not in CONTIGUOUS_ONLY
 ]
 
 
@@ -80,8 +98,9 @@ def _compare(case: str, group: Group, shards: int) -> dict[str, float]:
     is_causal = pattern == "causal"
     torch.manual_seed(0)
     layer = MECHANISMS[name]().double()
-    x = torch.randn(BATCH, LENGTH, layer.input_dim, dtype=torch.float64)
-    cotangent = torch.randn(BATCH, LENGTH, layer.d_model, dtype=torch.float64)
+    length = LENGTHS.get(name, LENGTH)
+    x = torch.randn(BATCH, length, layer.input_dim, dtype=torch.float64)
+    cotangent = torch.randn(BATCH, length, layer.d_model, dtype=torch.float64)
 
     whole = x.clone().requires_grad_()
     expected, _ = layer(whole, is_causal=is_causal, need_weights=False)
@@ -123,6 +142,36 @@ def _uneven(group: dist.ProcessGroup) -> str:
     return "no error"
 
 
+def _local_bytes(group: Group, shards: int) -> list[dict[str, int]]:
+    """Bytes each rank sends in local attention's halo exchanges, forward and backward,
+    at two lengths in each layout (counted where every message is posted,
+    ``parallel._send_receive``): one dict per rank of the group."""
+    sent: list[int] = []
+    post = parallel._send_receive
+
+    def counting(group_: Group, sends: list, receives: list) -> None:
+        sent.append(sum(t.numel() * t.element_size() for t, _, _ in sends))
+        post(group_, sends, receives)
+
+    parallel._send_receive = counting
+    counts = {}
+    try:
+        for layout, length in itertools.product(LAYOUTS, (LENGTH, 2 * LENGTH)):
+            sent.clear()
+            layer = MECHANISMS["local"]().double()
+            local = torch.randn(BATCH, length // shards, 16, dtype=torch.float64)
+            local.requires_grad_()
+            spec = SequenceParallel(group, layout)
+            out, _ = layer(local, need_weights=False, sequence_parallel=spec)
+            out.sum().backward()
+            counts[f"{layout}-{length}"] = sum(sent)
+    finally:
+        parallel._send_receive = post
+    gathered: list = [None] * shards
+    dist.all_gather_object(gathered, counts, group=group)
+    return gathered
+
+
 def worker(rank: int, port: int, out: str) -> None:
     """One of ``WORLD`` ranks: every case over all of them (the default group) and over
     ranks 1 and 3 (a group whose ranks are not the global ones); then the unequal shards.
@@ -142,6 +191,7 @@ def worker(rank: int, port: int, out: str) -> None:
                 results[case] = _compare(case, group, shards)
             parallel.QUERY_CHUNK = 1024
             results["uneven"] = _uneven(dist.group.WORLD if group is None else group)
+            results["local_bytes"] = _local_bytes(group, shards)
             if dist.get_rank(group) == 0:
                 Path(out, f"results_{shards}.json").write_text(json.dumps(results))
     finally:
@@ -198,6 +248,19 @@ def test_sharded_layers_match_one_device(tmp_path):
     assert not failures, failures
     for shards in SHARD_COUNTS:
         assert "unevenly split shards are refused" in results[shards]["uneven"], shards
+    # local attention sends the same halos whatever L: per rank and message (forward and
+    # back), keys and values of B·H·h·D float64 (h = 2, D = 4), to each neighbour
+    counts = results[WORLD]["local_bytes"]
+    for layout in LAYOUTS:
+        assert [c[f"{layout}-{LENGTH}"] for c in counts] == [
+            c[f"{layout}-{2 * LENGTH}"] for c in counts
+        ], counts
+    message = 2 * 2 * BATCH * 4 * 2 * 4 * 8
+    assert [c[f"contiguous-{LENGTH}"] for c in counts] == [message * n for n in (1, 2, 2, 1)]
+    # zigzag: rank 3 holds chunks 3 and 4, neighbours of each other
+    assert [c[f"zigzag-{LENGTH}"] for c in counts] == [message * n for n in (2, 4, 4, 2)]
+    pair = results[len(PAIR)]["local_bytes"]
+    assert pair[0] == {key: message * (1 if "contiguous" in key else 2) for key in pair[0]}
 
 
 def test_shard_positions():
@@ -270,18 +333,61 @@ def test_dropout_in_training_is_refused():
 
 
 @pytest.mark.parametrize(
-    "layer",
+    ("layer", "layout", "message"),
     [
-        at.LocalSelfAttention(8, window_size=3, num_heads=2),
-        at.DilatedSelfAttention(8, dilation_rate=2, num_heads=2),
-        at.BlockSelfAttention(8, block_size=2, num_heads=2),
-        at.LinearSelfAttention(8, num_heads=2),
+        (
+            at.LocalSelfAttention(8, window_size=7, num_heads=2),
+            "zigzag",
+            r"window_size // 2 = 3 <= the chunk length L/2N = 2 \(L = 16, N = 4, zigzag\)"
+            ".* fewer shards",
+        ),
+        (
+            at.LocalSelfAttention(8, window_size=10, num_heads=2),
+            "contiguous",
+            r"window_size // 2 = 5 <= the chunk length L/N = 4 \(L = 16, N = 4\)",
+        ),
+        (
+            at.DilatedSelfAttention(8, dilation_rate=4, num_heads=2),
+            "zigzag",
+            r"dilation_rate = 4 to divide the chunk length L/2N = 2",
+        ),
+        (
+            at.DilatedSelfAttention(8, dilation_rate=3, num_heads=2),
+            "contiguous",
+            r"dilation_rate = 3 to divide the chunk length L/N = 4",
+        ),
+        (
+            at.BlockSelfAttention(8, block_size=3, num_heads=2),
+            "zigzag",
+            r"layout='zigzag' needs block_size = 3 to divide the chunk length L/2N = 2 "
+            ".* layout='contiguous'",
+        ),
+        (
+            at.BlockSelfAttention(8, block_size=6, num_heads=2),
+            "contiguous",
+            r"block_size - 1 = 5 <= the shard length L/N = 4 ",
+        ),
     ],
-    ids=type,
+    ids=[
+        "local-zigzag",
+        "local-contiguous",
+        "dilated-zigzag",
+        "dilated-contiguous",
+        "block-zigzag",
+        "block-too-wide",
+    ],
 )
-def test_mechanisms_without_a_ring_are_refused(layer):
-    with pytest.raises(ValueError, match="does not support sequence_parallel yet"):
-        layer(torch.zeros(1, 4, 8), need_weights=False, sequence_parallel=SequenceParallel(None))
+def test_patterns_that_do_not_fit_the_shards_are_refused(monkeypatch, layer, layout, message):
+    """Refused before any communication: 4 ranks are pretended, and no process group
+    exists for a message to go through."""
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: WORLD)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    with pytest.raises(ValueError, match=message):
+        layer(
+            torch.zeros(1, LENGTH // WORLD, 8),
+            need_weights=False,
+            sequence_parallel=SequenceParallel(None, layout),
+        )
 
 
 def test_sequence_parallel_must_be_a_group():
