@@ -12,11 +12,6 @@ communication run here, on one device.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +21,8 @@ from jax.sharding import PartitionSpec as P
 import attentions_jax as aj
 from attentions_jax import parallel
 from attentions_jax.parallel import SequenceParallel, from_layout, shard_positions, to_layout
+from tests.multiprocess import run_on_host_devices
 
-ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 8
 SHARDED = jax.device_count() == DEVICES
 needs_devices = pytest.mark.skipif(
@@ -70,16 +65,7 @@ LAYERS = {**DENSE, **PATTERNS}
 @pytest.mark.slow
 @pytest.mark.skipif(SHARDED, reason="this is the 8-device process")
 def test_eight_host_devices():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
-        "PYTHONPATH": str(ROOT),
-    }
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and summary.count("skipped") <= 1, summary  # only itself
+    run_on_host_devices(__file__, DEVICES)
 
 
 def _mesh(shards: int) -> jax.sharding.Mesh:

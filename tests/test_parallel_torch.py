@@ -14,8 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -34,8 +32,8 @@ from attentions_torch.parallel import (
     shard_positions,
     to_layout,
 )
+from tests.multiprocess import launch_ranks
 
-ROOT = Path(__file__).resolve().parent.parent
 WORLD = 4
 PAIR = (1, 3)
 SHARD_COUNTS = (len(PAIR), WORLD)
@@ -198,39 +196,9 @@ def worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path) -> dict[int, dict[str, object]]:
     """Run ``WORLD`` gloo processes of this module's ``worker``; the results by N."""
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    logs = [Path(out, f"rank_{rank}.log") for rank in range(WORLD)]
-    processes = []
-    for rank, log in enumerate(logs):
-        with log.open("w") as stream:  # the child holds its own copy of the file
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, __file__, str(rank), str(port), str(out)],
-                    env=env,
-                    cwd=ROOT,
-                    stdout=stream,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-    try:
-        for process in processes:
-            process.wait(timeout=240)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    failed = [p.returncode for p in processes if p.returncode]
-    assert not failed, "\n".join(log.read_text()[-3000:] for log in logs)
+    launch_ranks(__file__, WORLD, out)
     return {n: json.loads(Path(out, f"results_{n}.json").read_text()) for n in SHARD_COUNTS}
 
 

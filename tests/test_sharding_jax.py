@@ -12,11 +12,6 @@ and the refusals run here, on one device.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +24,8 @@ import attentions_torch as at
 from attentions_jax import sharding
 from attentions_jax.sharding import tensor_parallel, tensor_parallel_plan
 from attentions_torch import sharding as torch_sharding
+from tests.multiprocess import run_on_host_devices
 
-ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 8
 SHARDED = jax.device_count() == DEVICES
 needs_devices = pytest.mark.skipif(
@@ -72,18 +67,7 @@ and path, so not the whole product."""
 @pytest.mark.slow
 @pytest.mark.skipif(SHARDED, reason="this is the 8-device process")
 def test_eight_host_devices():
-    env = {
-        **os.environ,
-        # compiling dominates: XLA's cheapest CPU code generation halves it
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES} "
-        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-        "PYTHONPATH": str(ROOT),
-    }
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and summary.count("skipped") <= 1, summary  # only itself
+    run_on_host_devices(__file__, DEVICES)
 
 
 def _mesh(heads: int) -> jax.sharding.Mesh:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -36,8 +34,8 @@ from attentions_torch.sharding import (
     tensor_parallel_plan,
     validate_tensor_parallel,
 )
+from tests.multiprocess import launch_ranks
 
-ROOT = Path(__file__).resolve().parent.parent
 WORLD = 4
 BATCH, LENGTH = 4, 7
 TOLERANCE = 1e-10
@@ -215,39 +213,9 @@ def _plan_only(layer: at.SelfAttention, mesh: DeviceMesh) -> None:
     layer(torch.randn(1, 3, layer.input_dim))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path) -> list[dict[str, object]]:
     """Run ``WORLD`` gloo processes of this module's ``worker``; each rank's results."""
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    logs = [Path(out, f"rank_{rank}.log") for rank in range(WORLD)]
-    processes = []
-    for rank, log in enumerate(logs):
-        with log.open("w") as stream:  # the child holds its own copy of the file
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, __file__, str(rank), str(port), str(out)],
-                    env=env,
-                    cwd=ROOT,
-                    stdout=stream,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-    try:
-        for process in processes:
-            process.wait(timeout=240)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    failed = [p.returncode for p in processes if p.returncode]
-    assert not failed, "\n".join(log.read_text()[-3000:] for log in logs)
+    launch_ranks(__file__, WORLD, out)
     return [json.loads(Path(out, f"results_{rank}.json").read_text()) for rank in range(WORLD)]
 
 
