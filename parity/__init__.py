@@ -53,6 +53,7 @@ from .convert import (  # noqa: E402
 )
 from .io import load_flax_params, load_state_dict, save_flax_params, save_state_dict  # noqa: E402
 from .mechanisms import MECHANISMS, Mechanism  # noqa: E402
+from .trace import TraceReport, TraceRow, trace  # noqa: E402
 
 __all__ = [
     "DTYPES",
@@ -61,6 +62,8 @@ __all__ = [
     "ConversionError",
     "Mechanism",
     "Report",
+    "TraceReport",
+    "TraceRow",
     "cache_to_jax",
     "cache_to_torch",
     "compare_layers",
@@ -74,4 +77,5 @@ __all__ = [
     "save_state_dict",
     "torch_to_flax",
     "torch_to_nnx",
+    "trace",
 ]

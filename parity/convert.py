@@ -134,6 +134,20 @@ def _module_kinds(module: nn.Module) -> dict[str, str]:
     return kinds
 
 
+def _state_kinds(module: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``_module_kinds``, with a ``ConversionError`` naming every ``state`` entry (a
+    parameter of a type without a rule, a persistent buffer) that has none."""
+    kinds = _module_kinds(module)
+    no_rule = [key for key in state if key not in kinds]
+    if no_rule:
+        raise ConversionError(
+            "no conversion rule for "
+            + ", ".join(_describe(module, key) for key in no_rule)
+            + f"; rules exist for the parameters of {_SUPPORTED}"
+        )
+    return kinds
+
+
 def _describe(module: nn.Module, key: str) -> str:
     """``"'bn.running_mean' (buffer of BatchNorm1d)"`` for an entry without a rule."""
     path, _, leaf = key.rpartition(".")
@@ -334,14 +348,7 @@ def torch_to_flax(
     """
     if isinstance(source, nn.Module):
         state = source.state_dict()
-        kinds = _module_kinds(source)
-        no_rule = [key for key in state if key not in kinds]
-        if no_rule:
-            raise ConversionError(
-                "no conversion rule for "
-                + ", ".join(_describe(source, key) for key in no_rule)
-                + f"; rules exist for the parameters of {_SUPPORTED}"
-            )
+        kinds = _state_kinds(source, state)
     else:
         state = source
         kinds = _kinds_from_like(list(state), like) if like is not None else None
