@@ -1,0 +1,1 @@
+"""Runnable examples; ``twin_lm`` is one model written in both frameworks."""
