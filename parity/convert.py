@@ -28,7 +28,8 @@ every dtype.
 How the rule for a ``weight`` is chosen, PyTorch to Flax:
 
 * from a module (``torch_to_flax(module)``): by the type of the submodule that owns it
-  (subclasses included). Every ``state_dict`` entry must be covered: a parameter of any
+  (subclasses included), after the ``rules=`` given, which add or override rules for
+  other module types (see below). Every ``state_dict`` entry must be covered: a parameter of any
   other module type (``BatchNorm*``, ``ConvTranspose*``, ``MultiheadAttention``'s
   ``in_proj_weight``, a bare ``nn.Parameter`` on a custom module, ...) and every persistent
   buffer (``BatchNorm``'s ``running_mean``, ...) raise a ``ConversionError`` that names
@@ -41,6 +42,26 @@ How the rule for a ``weight`` is chosen, PyTorch to Flax:
   norm's scale; any other rank is ambiguous (a convolution? a 2-D LayerNorm?) and raises
   a ``ConversionError`` naming the key: pass the module, or ``like=``. An ``Embedding``
   needs the module or ``like=`` (read bare, it would be transposed as a ``Linear``).
+
+Model-level rules (``torch_to_flax(module, rules=..., mapping=...)`` and
+``parity.trace(..., rules=..., mapping=...)``), for a model not built from these layers
+(a Hugging Face checkpoint; ``parity.hf`` has LLaMA's):
+
+* ``rules``: ``{module type or type name: {leaf: kind}}``, the kinds ``"linear"``,
+  ``"conv"``, ``"scale"``, ``"embedding"`` and ``"bias"`` of the table above, for the
+  ``weight`` / ``bias`` entries of modules of that type (a type matches its subclasses; a
+  name, such as ``"LlamaRMSNorm"``, matches a class of that name in the type's MRO, so
+  the library that defines it need not be imported). E.g.
+  ``{"LlamaRMSNorm": {"weight": "scale"}}``. A given rule wins over the built-in ones.
+* ``mapping``: ``{PyTorch module path prefix: Flax path}`` renames modules whose names
+  differ, ``{"model.layers": "blocks", "model.layers.0.self_attn.q_proj":
+  "blocks_0/attn/w_q"}`` (dotted on the left, ``/``-separated on the right; the longest
+  matching prefix wins and the rest of the path follows: ``model.layers.3.mlp`` ->
+  ``blocks_3/mlp``).
+* Tied parameters (one ``nn.Parameter`` owned by several modules, as a language model's
+  ``lm_head`` tied to its token embedding): converted once, under the first name
+  ``named_parameters()`` gives (the Flax port reuses that one parameter, e.g. with
+  ``nn.Embed.attend``); the ``state_dict``'s other names for it are left out.
 
 Flax NNX models (``torch_to_nnx`` / ``nnx_to_torch``) use the same rules: an NNX model's
 ``nnx.Param`` state is read as linen params, its list items ``blocks.0`` (NNX's path
@@ -107,8 +128,24 @@ def _numpy_to_torch(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
-def _rule(module: nn.Module) -> dict[str, str] | None:
-    """``{leaf: kind}`` for a module type with a rule, else ``None``."""
+Rules = Mapping[type | str, Mapping[str, str]]
+"""Extra conversion rules: a module type or type name -> ``{leaf: kind}`` (module docstring)."""
+
+
+def _given_rule(module: nn.Module, rules: Rules | None) -> dict[str, str] | None:
+    """The rule ``rules`` has for ``module``'s type (or a base class, by type or name)."""
+    for cls in type(module).__mro__ if rules else ():
+        for key in (cls, cls.__name__):
+            if key in rules:
+                return dict(rules[key])
+    return None
+
+
+def _rule(module: nn.Module, rules: Rules | None = None) -> dict[str, str] | None:
+    """``{leaf: kind}`` for a module type with a rule (``rules`` first), else ``None``."""
+    given = _given_rule(module, rules)
+    if given is not None:
+        return given
     if isinstance(module, nn.Linear):
         return {"weight": "linear", "bias": "bias"}
     if isinstance(module, _CONVS):
@@ -120,11 +157,11 @@ def _rule(module: nn.Module) -> dict[str, str] | None:
     return None
 
 
-def _module_kinds(module: nn.Module) -> dict[str, str]:
+def _module_kinds(module: nn.Module, rules: Rules | None = None) -> dict[str, str]:
     """``{"path.leaf": kind}`` for every parameter of a module type that has a rule."""
     kinds = {}
     for path, sub in module.named_modules(remove_duplicate=False):
-        rule = _rule(sub)
+        rule = _rule(sub, rules)
         if rule is None:
             continue
         prefix = f"{path}." if path else ""
@@ -134,18 +171,55 @@ def _module_kinds(module: nn.Module) -> dict[str, str]:
     return kinds
 
 
-def _state_kinds(module: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+def _state_kinds(
+    module: nn.Module, state: Mapping[str, torch.Tensor], rules: Rules | None = None
+) -> dict[str, str]:
     """``_module_kinds``, with a ``ConversionError`` naming every ``state`` entry (a
     parameter of a type without a rule, a persistent buffer) that has none."""
-    kinds = _module_kinds(module)
+    kinds = _module_kinds(module, rules)
     no_rule = [key for key in state if key not in kinds]
     if no_rule:
         raise ConversionError(
             "no conversion rule for "
             + ", ".join(_describe(module, key) for key in no_rule)
-            + f"; rules exist for the parameters of {_SUPPORTED}"
+            + f"; rules exist for the parameters of {_SUPPORTED} (others: rules=)"
         )
     return kinds
+
+
+def _module_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` without the second and later names of a tied parameter."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return {k: v for k, v in module.state_dict().items() if k not in aliases}
+
+
+def _linen_key(parts) -> tuple[str, ...]:
+    """``("blocks", "0", "attn")`` or ``("blocks", 0, "attn")`` -> ``("blocks_0", "attn")``."""
+    return _linen_path(tuple(int(p) if str(p).isdigit() else p for p in parts))
+
+
+def _flax_key(torch_path: str, mapping: Mapping[str, str]) -> tuple[str, ...]:
+    """The linen-style path of the Flax module that mirrors the PyTorch module ``torch_path``
+    (``mapping``: module docstring)."""
+    parts = torch_path.split(".") if torch_path else []
+    prefixes = [p.split(".") for p in mapping if p and parts[: p.count(".") + 1] == p.split(".")]
+    if prefixes:
+        prefix = max(prefixes, key=len)
+        target = [name for name in mapping[".".join(prefix)].split("/") if name]
+        parts = [*target, *parts[len(prefix) :]]
+    return _linen_key(parts)
+
+
+def _renamed(key: str, mapping: Mapping[str, str]) -> str:
+    """A ``state_dict`` key with its module path renamed by ``mapping``
+    (``"model.layers.0.self_attn.q_proj.weight"`` -> ``"blocks_0.attn.w_q.weight"``)."""
+    module, _, leaf = key.rpartition(".")
+    return ".".join((*_flax_key(module, mapping), leaf))
 
 
 def _describe(module: nn.Module, key: str) -> str:
@@ -332,7 +406,11 @@ def flax_to_numpy_state(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def torch_to_flax(
-    source: nn.Module | Mapping[str, torch.Tensor], *, like: Mapping[str, Any] | None = None
+    source: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    like: Mapping[str, Any] | None = None,
+    rules: Rules | None = None,
+    mapping: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Flax ``params`` (``jax.Array`` leaves, same dtypes) from a module or its state_dict.
 
@@ -343,15 +421,29 @@ def torch_to_flax(
         it has the key, else 2-D ``weight``: Linear, 1-D: norm scale, other ranks raise).
       like: optional Flax params (e.g. from ``init``) to check names and shapes against;
         a ``ConversionError`` names every missing, unexpected or mis-shaped entry.
+      rules: ``{module type or type name: {leaf: kind}}`` for module types without a
+        built-in rule (a module ``source`` only), e.g. ``parity.hf.LLAMA_RULES``.
+      mapping: ``{PyTorch module path prefix: Flax path}`` for modules named differently,
+        e.g. ``parity.hf.llama_mapping(config)`` (module docstring).
 
-    float64 weights need JAX's 64-bit mode (``jax.enable_x64``).
+    A parameter tied to another (shared by two modules) converts once, under its first
+    name. float64 weights need JAX's 64-bit mode (``jax.enable_x64``).
     """
+    mapping = dict(mapping or {})
     if isinstance(source, nn.Module):
-        state = source.state_dict()
-        kinds = _state_kinds(source, state)
+        unknown = [p for p in mapping if p not in dict(source.named_modules())]
+        if unknown:
+            raise ValueError(f"mapping names no module of the PyTorch model: {unknown}")
+        state = _module_state(source)
+        kinds = _state_kinds(source, state, rules)
     else:
         state = source
-        kinds = _kinds_from_like(list(state), like) if like is not None else None
+        kinds = None
+    if mapping:
+        state = {_renamed(k, mapping): v for k, v in state.items()}
+        kinds = None if kinds is None else {_renamed(k, mapping): v for k, v in kinds.items()}
+    if kinds is None and like is not None:
+        kinds = _kinds_from_like(list(state), like)
     params = numpy_state_to_flax({k: _torch_to_numpy(v) for k, v in state.items()}, kinds)
     if like is not None:
         _check_against(

@@ -12,7 +12,9 @@ gradient the same way.
 Weights move by the rules of ``parity.convert`` (``Linear.weight`` -> ``kernel`` transposed,
 ``LayerNorm.weight`` -> ``scale``, ``Embedding.weight`` -> ``embedding``, every ``bias``;
 our attention layers are made of ``Linear`` projections, so they follow them too), chosen
-by the type of the submodule that owns each entry. Module paths map by the convert rule
+by the type of the submodule that owns each entry; ``rules=`` adds rules for other types
+(``{"LlamaRMSNorm": {"weight": "scale"}}``; ``parity.convert``), and a tied parameter
+converts once. Module paths map by the convert rule
 (``blocks.0.attn`` <-> linen ``blocks_0/attn`` <-> NNX ``blocks/0/attn``), after an optional
 ``mapping`` renames modules whose names differ: ``{"layers": "blocks", "norm": "ln_f"}``
 (a PyTorch path prefix, dotted, to a Flax path, ``/``-separated; the longest matching
@@ -100,9 +102,13 @@ from .check import (
 )
 from .convert import (
     ConversionError,
+    Rules,
     _check_against,
     _flatten,
+    _flax_key,
     _linen_path,
+    _module_state,
+    _renamed,
     _state_kinds,
     _torch_to_numpy,
     _unflatten,
@@ -130,45 +136,30 @@ Key = tuple[str, ...]
 # -- paths and weights -------------------------------------------------------------------
 
 
-def _linen_key(parts: Sequence[str | int]) -> Key:
-    """``("blocks", "0", "attn")`` or ``("blocks", 0, "attn")`` -> ``("blocks_0", "attn")``."""
-    return _linen_path(tuple(int(p) if str(p).isdigit() else p for p in parts))
-
-
-def _flax_key(torch_path: str, mapping: Mapping[str, str]) -> Key:
-    """The linen-style path of the Flax module that mirrors the PyTorch module ``torch_path``."""
-    parts = torch_path.split(".") if torch_path else []
-    prefixes = [p.split(".") for p in mapping if p and parts[: p.count(".") + 1] == p.split(".")]
-    if prefixes:
-        prefix = max(prefixes, key=len)
-        target = [name for name in mapping[".".join(prefix)].split("/") if name]
-        parts = [*target, *parts[len(prefix) :]]
-    return _linen_key(parts)
-
-
 def _show(key: Key) -> str:
     return "/".join(key) or _ROOT
 
 
 def _params_of(
-    torch_model: nn.Module, mapping: Mapping[str, str], expected: Mapping[Key, tuple]
+    torch_model: nn.Module,
+    mapping: Mapping[str, str],
+    expected: Mapping[Key, tuple],
+    rules: Rules | None = None,
 ) -> tuple[dict[str, Key], dict[Key, np.ndarray]]:
     """``({torch key: Flax param path}, {Flax param path: value})``: the PyTorch model's
     weights as the Flax model's params, checked against ``expected`` (path -> shape).
 
     Every ``state_dict`` entry converts by the rule of its owner's type
-    (``convert._state_kinds``: an entry without one is a ``ConversionError``), one entry
-    at a time, at the path ``mapping`` gives its owner. A model-level rule (a renamed
-    path, a type such as a custom RMSNorm, a fused projection split in several params)
-    is one more way to produce these pairs.
+    (``convert._state_kinds``, after ``rules``: an entry without one is a
+    ``ConversionError``), one entry at a time, at the path ``mapping`` gives its owner; a
+    tied parameter once, under its first name.
     """
-    state = torch_model.state_dict()
-    kinds = _state_kinds(torch_model, state)
+    state = _module_state(torch_model)
+    kinds = _state_kinds(torch_model, state, rules)
     links: dict[str, Key] = {}
     params: dict[Key, np.ndarray] = {}
     for key, value in state.items():
-        module, _, leaf = key.rpartition(".")
-        renamed = ".".join((*_flax_key(module, mapping), leaf))
+        renamed = _renamed(key, mapping)
         ((path, converted),) = _flatten(
             numpy_state_to_flax({renamed: _torch_to_numpy(value)}, {renamed: kinds[key]})
         ).items()
@@ -728,6 +719,7 @@ def trace(
     *inputs: Any,
     dtype: str = "float32",
     mapping: Mapping[str, str] | None = None,
+    rules: Rules | None = None,
     grads: bool = False,
     kwargs: Mapping[str, Any] | None = None,
     torch_kwargs: Mapping[str, Any] | None = None,
@@ -750,6 +742,8 @@ def trace(
         PyTorch model in float32 for the tolerance's scale.
       mapping: ``{PyTorch path prefix: Flax path}`` for modules named differently, e.g.
         ``{"tok_emb": "embed", "layers": "blocks"}`` (see the module docstring).
+      rules: ``{module type or type name: {leaf: kind}}``, conversion rules for module
+        types without a built-in one (``parity.convert``), e.g. ``parity.hf.LLAMA_RULES``.
       grads: also compare every parameter's gradient of ``sum(out * g)``, ``g`` a fixed
         standard-normal cotangent per floating element of the final output.
       kwargs: keyword arguments of both calls (arrays converted as ``inputs``);
@@ -795,7 +789,7 @@ def trace(
             k: _for_jax(_for_torch(v, tdtype, on_cpu), jdtype) for k, v in flax_call.items()
         }
         links, params, rest = _flax_weights(
-            reference, flax_model, variables, mapping, jax_inputs, flax_call, jdtype
+            reference, flax_model, variables, mapping, jax_inputs, flax_call, jdtype, rules
         )
         torch_calls, terms, torch_grads = _run_torch(reference, inputs, torch_call, dtype, grads)
         if is_nnx:
@@ -833,6 +827,7 @@ def _flax_weights(
     inputs: Sequence,
     kwargs: Mapping,
     dtype: jnp.dtype,
+    rules: Rules | None = None,
 ) -> tuple[dict[str, Key], dict[Key, jax.Array], dict[str, Any]]:
     """``(links, params, other collections)``: the PyTorch parameters' Flax paths (checked
     against the Flax model's own), and the params to run, ``variables``' or converted."""
@@ -849,7 +844,7 @@ def _flax_weights(
         expected = {p: np.shape(v) for p, v in given.items()}
     else:
         expected, rest = _linen_init(flax_model, inputs, kwargs)
-    links, converted = _params_of(torch_model, mapping, expected)
+    links, converted = _params_of(torch_model, mapping, expected, rules)
     params = {p: _cast(v, dtype) for p, v in (converted if given is None else given).items()}
     return links, params, rest
 
