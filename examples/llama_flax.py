@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import attentions_jax
 from parity.hf import rope_theta
 
+from .twin_lm_flax import generate
+
 
 class RMSNorm(nn.Module):
     """``scale * x / sqrt(mean(x²) + eps)`` over the last axis, computed in float32 or
@@ -141,21 +143,6 @@ class Llama(nn.Module):
         for i, block in enumerate(self.blocks):
             caches[i], x = block.decode(caches[i], x)
         return caches, self.head(x)
-
-
-def generate(model: Llama, params: Any, prompt: jax.Array, steps: int) -> jax.Array:
-    """Greedy: the prompt ``(B, P)`` through the caches, then ``steps`` tokens one at a time
-    (each one jitted call of ``decode``); returns the ``(B, steps)`` new tokens, as HF's
-    ``generate(prompt, max_new_tokens=steps, do_sample=False)`` without an end token."""
-    variables = {"params": params}
-    caches = model.apply(variables, prompt.shape[0], prompt.shape[1] + steps, method="init_caches")
-    decode = jax.jit(lambda caches, tokens: model.apply(variables, caches, tokens, method="decode"))
-    caches, logits = decode(caches, prompt)
-    tokens = [jnp.argmax(logits[:, -1], -1)]
-    for _ in range(steps - 1):
-        caches, logits = decode(caches, tokens[-1][:, None])
-        tokens.append(jnp.argmax(logits[:, -1], -1))
-    return jnp.stack(tokens, axis=1)
 
 
 def tiny_config(**overrides: Any) -> Any:

@@ -91,9 +91,10 @@ class TwinLM(nn.Module):
         return caches, self.head(self.ln_f(x))
 
 
-def generate(model: TwinLM, params: Any, prompt: jax.Array, steps: int) -> jax.Array:
+def generate(model: nn.Module, params: Any, prompt: jax.Array, steps: int) -> jax.Array:
     """Greedy, as ``TwinLM.generate`` in PyTorch: ``(B, steps)`` new tokens; each step one
-    jitted call of ``decode``."""
+    jitted call of ``decode`` (any model with ``init_caches`` and ``decode``, as
+    ``examples.llama_flax.Llama``; HF's ``generate(do_sample=False)`` without an end token)."""
     variables = {"params": params}
     caches = model.apply(variables, prompt.shape[0], prompt.shape[1] + steps, method="init_caches")
     decode = jax.jit(lambda caches, tokens: model.apply(variables, caches, tokens, method="decode"))
